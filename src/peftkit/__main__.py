@@ -1,0 +1,5 @@
+import sys
+
+from peftkit.cli.main import main
+
+sys.exit(main())
