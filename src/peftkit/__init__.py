@@ -1,3 +1,51 @@
 """peftkit: fine-tune transformer models with full fine-tuning and parameter-efficient methods."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# Public names that need torch, imported on first use so that ``import peftkit`` stays fast.
+_LAZY_EXPORTS = {
+    "LoraConfig": "peftkit.methods.lora",
+    "PeftConfig": "peftkit.methods.base",
+    "TaskType": "peftkit.methods.base",
+    "PeftModel": "peftkit.peft_model",
+    "PeftModelForCausalLM": "peftkit.peft_model",
+    "get_peft_model": "peftkit.peft_model",
+    "get_peft_model_state_dict": "peftkit.serialization",
+    "set_peft_model_state_dict": "peftkit.serialization",
+}
+
+__all__ = [
+    "LoraConfig",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "TaskType",
+    "__version__",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+]
+
+if TYPE_CHECKING:
+    from peftkit.methods.base import PeftConfig, TaskType
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.peft_model import PeftModel, PeftModelForCausalLM, get_peft_model
+    from peftkit.serialization import get_peft_model_state_dict, set_peft_model_state_dict
+
+
+def __getattr__(name: str) -> Any:
+    """Resolve the names in ``_LAZY_EXPORTS`` only; anything else is a plain AttributeError."""
+    if name not in _LAZY_EXPORTS:
+        raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_EXPORTS))

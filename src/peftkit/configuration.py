@@ -145,7 +145,12 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, problems: list[str])
         if key not in fields:
             problems.append(unknown_key_message(str(key), prefix, fields))
             continue
-        kwargs[key] = _convert(value, hints[key], prefix + key, problems)
+        n_before = len(problems)
+        converted = _convert(value, hints[key], prefix + key, problems)
+        if len(problems) == n_before:
+            # A mistyped value is reported above and left at its default, so that the
+            # cross-field checks below still run on well-typed values and report the rest.
+            kwargs[key] = converted
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as err:

@@ -1,0 +1,142 @@
+"""Options shared by ``peftkit generate`` and ``peftkit chat``: which model, which adapter, how to sample.
+
+Both commands call :func:`add_model_arguments` / :func:`add_sampling_arguments` to declare the
+options and :func:`load_model_from_args` / :func:`sampling_kwargs` to use them, so the two
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftkit.configuration import ConfigError
+from peftkit.errors import ModelLoadError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from peftkit.model_aliases import ALIASES
+    from peftkit.models import DTYPE_CHOICES
+
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--base-model",
+        metavar="NAME_OR_DIR",
+        help=f"built-in alias ({', '.join(sorted(ALIASES))}), local model directory or hub id; "
+        f"defaults to the base model recorded in --adapter's {ADAPTER_CONFIG}",
+    )
+    group.add_argument("--adapter", metavar="DIR", help="adapter directory saved by `peftkit train`")
+    group.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="float32", help="weights dtype (default: float32)"
+    )
+    group.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default: the GPU if any)"
+    )
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model repository's own Python code to run (only for repositories you trust)",
+    )
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default: 256")
+    group.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="0 (default) decodes greedily; > 0 samples",
+    )
+    group.add_argument(
+        "--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1.0)"
+    )
+    group.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="random seed for sampling (default: 0)"
+    )
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``generate`` keyword arguments from the sampling options (checked, all problems at once)."""
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        problems.append(f"--temperature must be >= 0 (0 decodes greedily), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if problems:
+        raise ConfigError(problems, source="command line")
+    if args.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
+
+
+def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The base model (with ``--adapter`` applied, if given) in eval mode on ``--device``, and its tokenizer."""
+    from peftkit.models import load_model_and_tokenizer
+
+    base = args.base_model or (adapter_base_model(args.adapter) if args.adapter else None)
+    if base is None:
+        raise ConfigError(
+            "give --base-model NAME_OR_DIR, or --adapter DIR to use its base model", "command line"
+        )
+    model, tokenizer = load_model_and_tokenizer(
+        base, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
+    if args.adapter:
+        from peftkit import PeftModel  # imported late: only adapter users pay for it
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    model.to(resolve_device(args.device))
+    model.eval()
+    return model, tokenizer
+
+
+def adapter_base_model(adapter_dir: str | Path) -> str:
+    """The ``base_model_name_or_path`` recorded in an adapter directory."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{adapter_dir} has no {ADAPTER_CONFIG}; pass the directory an adapter was saved to "
+            "(the output_dir of `peftkit train`)"
+        )
+    try:
+        base = json.loads(path.read_text()).get("base_model_name_or_path")
+    except ValueError as err:
+        raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
+    if not base:
+        raise ModelLoadError(f"{path} does not record base_model_name_or_path; pass --base-model explicitly")
+    return str(base)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` in the chat template, ending with the assistant's generation prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template already wrote every special token (bos included), so add none here.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_plain(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text)["input_ids"]

@@ -1,0 +1,206 @@
+"""Row formats: a raw :class:`Record` becomes a :class:`Sample` (a conversation, or plain text).
+
+Every non-text format ends up as turns, so encoding has one path for "user asks, assistant
+answers" whatever the file looked like::
+
+    instruction        {instruction, [input], output}  -> [system?] user(instruction\\n\\ninput) assistant(output)
+    prompt_completion  {prompt, completion}             -> [system?] user(prompt) assistant(completion)
+    chat               {messages: [{role, content}]}   -> the messages as given ([system?] prepended)
+    text               {text}                           -> text (every token is trained on)
+
+``columns`` renames fields (``{prompt: question}`` reads the prompt from column ``question``);
+``prompt_template`` / ``completion_template`` build the prompt / completion from any columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from peftkit.data.config import FORMAT_FIELDS, DataConfig, template_fields
+from peftkit.data.readers import Record
+from peftkit.errors import DataError
+
+
+class RowError(ValueError):
+    """A problem with one row; the caller adds the row's origin (or skips the row)."""
+
+
+@dataclass
+class Sample:
+    """A row in a format-independent shape: ``messages`` (role/content dicts) or ``text``."""
+
+    origin: str
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+
+    @property
+    def answer(self) -> str | None:
+        """The last assistant message: what a model should generate for this sample's prompt."""
+        for message in reversed(self.messages or []):
+            if message["role"] == "assistant":
+                return message["content"]
+        return None
+
+
+def _required(fmt: str) -> list[str]:
+    return [f for f in FORMAT_FIELDS[fmt] if not f.startswith("[")]
+
+
+def _expected_layouts() -> str:
+    return "; ".join(f"{fmt}: {', '.join(fields)}" for fmt, fields in FORMAT_FIELDS.items())
+
+
+def detect_format(cfg: DataConfig, record: Record) -> str:
+    """The format of a source: ``cfg.format``, or guessed from its first row's keys.
+
+    Templates imply prompt_completion; otherwise a ``columns`` mapping naming one format's
+    fields decides; otherwise the format whose required fields are all present, if exactly one.
+    """
+    if cfg.format != "auto":
+        return cfg.format
+    if cfg.prompt_template is not None or cfg.completion_template is not None:
+        return "prompt_completion"
+    named = {
+        fmt for fmt, fields in FORMAT_FIELDS.items() if any(f.strip("[]") in cfg.columns for f in fields)
+    }
+    if len(named) == 1:
+        return named.pop()
+    keys = set(record.data)
+    found = [fmt for fmt in FORMAT_FIELDS if all(cfg.columns.get(f, f) in keys for f in _required(fmt))]
+    if len(found) == 1:
+        return found[0]
+    what = f"fits several formats ({', '.join(found)})" if found else "fits no known format"
+    raise DataError(
+        f"{record.origin}: cannot detect the data format: the row has keys {sorted(keys)} and {what}. "
+        f"Expected keys per format: {_expected_layouts()}. Set data.format, and data.columns to map "
+        f"your column names (e.g. columns: {{prompt: question, completion: answer}})."
+    )
+
+
+def check_templates(cfg: DataConfig, record: Record) -> None:
+    """Fail early (whatever ``skip_bad_rows`` says) when a template names a column the data lacks."""
+    for name in ("prompt_template", "completion_template"):
+        template = getattr(cfg, name)
+        if template is None:
+            continue
+        missing = [f for f in template_fields(template) if f not in record.data]
+        if missing:
+            raise DataError(
+                f"data.{name} names column(s) {', '.join(repr(m) for m in missing)}, which {record.origin} "
+                f"does not have; available columns: {', '.join(sorted(map(str, record.data)))}"
+            )
+
+
+def to_sample(record: Record, fmt: str, cfg: DataConfig) -> Sample:
+    """Convert one good record; raise :class:`RowError` saying what is wrong with it."""
+    row = record.data
+    if fmt == "text":
+        return Sample(record.origin, text=_text(row, "text", cfg))
+    if fmt == "chat":
+        messages = _messages(row, cfg)
+    else:
+        prompt = _format(cfg.prompt_template, row, "prompt_template")
+        if prompt is None:
+            prompt = _instruction_prompt(row, cfg) if fmt == "instruction" else _text(row, "prompt", cfg)
+        completion = _format(cfg.completion_template, row, "completion_template")
+        if completion is None:
+            completion = _text(row, "output" if fmt == "instruction" else "completion", cfg)
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if cfg.system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return Sample(record.origin, messages=messages)
+
+
+def _instruction_prompt(row: dict[str, Any], cfg: DataConfig) -> str:
+    instruction = _text(row, "instruction", cfg)
+    extra = _optional_text(row, "input", cfg)
+    return f"{instruction}\n\n{extra}" if extra else instruction
+
+
+def _format(template: str | None, row: dict[str, Any], name: str) -> str | None:
+    if template is None:
+        return None
+    try:
+        return template.format_map(row)
+    except KeyError as err:
+        raise RowError(
+            f"data.{name} names column {err.args[0]!r}, which this row does not have; "
+            f"columns: {', '.join(sorted(map(str, row)))}"
+        ) from None
+    except (IndexError, AttributeError, ValueError, TypeError) as err:
+        raise RowError(f"data.{name} cannot be filled from this row ({err})") from None
+
+
+def _text(row: dict[str, Any], name: str, cfg: DataConfig) -> str:
+    """The string in the row's column for field ``name`` (numbers are accepted and printed)."""
+    value = _optional_text(row, name, cfg)
+    if value is None:
+        column = cfg.columns.get(name, name)
+        _missing(row, f"field '{name}'" + (f" (column '{column}')" if column != name else ""))
+    return value
+
+
+def _optional_text(row: dict[str, Any], name: str, cfg: DataConfig) -> str | None:
+    column = cfg.columns.get(name, name)
+    value = row.get(column)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    where = f"field '{name}'" + (f" (column '{column}')" if column != name else "")
+    raise RowError(f"{where} must be a string, got {type(value).__name__} {value!r:.60}")
+
+
+def _missing(row: dict[str, Any], where: str) -> NoReturn:
+    present = ", ".join(sorted(map(str, row))) or "none"
+    raise RowError(
+        f"missing {where}; the row has: {present}. Map your column with data.columns, or fix the row"
+    )
+
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
+
+
+def _messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
+    """OpenAI-style ``[{role, content}]`` (ShareGPT ``[{from, value}]`` is accepted too)."""
+    column = cfg.columns.get("messages", "messages")
+    value = row.get(column)
+    if value is None:
+        _missing(row, f"field 'messages' (column '{column}')" if column != "messages" else "field 'messages'")
+    if not isinstance(value, list) or not value:
+        raise RowError(
+            f"'{column}' must be a non-empty list of {{role, content}} messages, got {value!r:.60}"
+        )
+    messages = [_message(m, i) for i, m in enumerate(value)]
+    if not any(m["role"] == "assistant" for m in messages):
+        roles = ", ".join(m["role"] for m in messages)
+        raise RowError(f"conversation has no assistant message to learn from (roles: {roles})")
+    return messages
+
+
+def _message(message: Any, index: int) -> dict[str, str]:
+    if not isinstance(message, dict):
+        raise RowError(f"message {index} must be an object with role and content, got {message!r:.60}")
+    if "role" in message:
+        role, content = message.get("role"), message.get("content")
+    elif "from" in message:
+        role, content = _SHAREGPT_ROLES.get(message["from"], message["from"]), message.get("value")
+    else:
+        raise RowError(f"message {index} has no 'role' (keys: {', '.join(sorted(map(str, message)))})")
+    if not isinstance(role, str) or not role:
+        raise RowError(f"message {index}: role must be a non-empty string, got {role!r}")
+    if isinstance(content, list):  # OpenAI content parts: keep the text parts
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+            raise RowError(f"message {index}: only text content parts are supported")
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise RowError(f"message {index} ({role}): content must be a string, got {content!r:.60}")
+    return {"role": role, "content": content}

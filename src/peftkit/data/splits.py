@@ -1,0 +1,238 @@
+"""From a :class:`DataConfig` to train / validation / test examples, with a report of what happened.
+
+Order of operations (why it matters)::
+
+    read + convert every row of train  (bad rows: error, or skipped and counted)
+    shuffle row indices with split_seed
+      [0, n_test)              -> test        carved first: fixed whatever the run seed,
+      [n_test, n_test + n_val) -> validation  val_size or max_train_examples
+      rest                     -> train       in shuffled order; max_train_examples keeps a prefix,
+                                              so a larger cap contains every example of a smaller one
+    encode only the rows a requested split needs (tokenizing 38k rows to keep 1k would waste time)
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftkit.configuration import ConfigError
+from peftkit.data.builtin import apply_builtin_defaults, get_builtin, is_builtin
+from peftkit.data.chat import has_chat_template
+from peftkit.data.config import DataConfig
+from peftkit.data.encode import Encoder, Example
+from peftkit.data.formats import RowError, Sample, check_templates, detect_format, to_sample
+from peftkit.data.readers import Record, read_file, read_rows
+from peftkit.errors import DataError
+
+SPLITS = ("train", "validation", "test")
+_MAX_REASONS = 5
+
+
+@dataclass
+class DataReport:
+    """What reading and encoding did: counts a user should see before training starts."""
+
+    sources: dict[str, str] = field(default_factory=dict)
+    rows_read: int = 0
+    skipped: int = 0
+    skip_reasons: list[str] = field(default_factory=list)
+    truncated: int = 0
+    dropped: int = 0
+    dropped_origins: list[str] = field(default_factory=list)
+    max_seq_len: int | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+    answers: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"data: {self.rows_read:,} rows read"]
+        lines += [f"  {split}: {source}" for split, source in self.sources.items()]
+        lines.append("  examples: " + ", ".join(f"{split} {n:,}" for split, n in self.sizes.items()))
+        for split, counts in self.answers.items():
+            total = sum(counts.values())
+            shares = ", ".join(
+                f"{a!r} {n / total:.0%}" for a, n in sorted(counts.items(), key=lambda kv: -kv[1])
+            )
+            lines.append(f"  {split} answers: {shares}")
+        if self.truncated:
+            lines.append(f"  truncated to max_seq_len={self.max_seq_len}: {self.truncated:,}")
+        if self.dropped:
+            first = ", ".join(self.dropped_origins)
+            lines.append(
+                f"  dropped (no trained token left after truncation): {self.dropped:,} (e.g. {first})"
+            )
+        if self.skipped:
+            lines.append(f"  skipped malformed rows: {self.skipped:,}")
+            lines += [f"    {reason}" for reason in self.skip_reasons]
+        return "\n".join(lines)
+
+
+@dataclass
+class DataSplits:
+    """Encoded examples per split; ``validation`` / ``test`` are empty when not configured."""
+
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    report: DataReport
+
+    def summary(self) -> str:
+        return self.report.summary()
+
+
+class _Loader:
+    """Reads sources for one build, sending bad rows to an error or to the report."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, report: DataReport):
+        self.cfg = cfg
+        self.report = report
+        self.encoder = Encoder(tokenizer, cfg)
+        self.rendering = "chat template" if self.encoder.use_template else "plain text"
+
+    def bad_row(self, origin: str, reason: str) -> None:
+        if not self.cfg.skip_bad_rows:
+            raise DataError(f"{origin}: {reason} (or set data.skip_bad_rows: true to skip malformed rows)")
+        self.report.skipped += 1
+        if len(self.report.skip_reasons) < _MAX_REASONS:
+            self.report.skip_reasons.append(f"{origin}: {reason}")
+
+    def samples(self, source: str | list[dict[str, Any]], split: str) -> list[Sample]:
+        """Every good row of ``source`` as a sample; an empty result is an error."""
+        records, label = self._records(source, split)
+        fmt = None
+        samples: list[Sample] = []
+        skipped_before = self.report.skipped
+        for record in records:
+            self.report.rows_read += 1
+            if record.problem is not None:
+                self.bad_row(record.origin, record.problem)
+                continue
+            if fmt is None:
+                fmt = detect_format(self.cfg, record)
+                check_templates(self.cfg, record)
+            try:
+                samples.append(to_sample(record, fmt, self.cfg))
+            except RowError as err:
+                self.bad_row(record.origin, str(err))
+        if not samples:
+            skipped = self.report.skipped - skipped_before
+            why = f"all {skipped} rows were malformed and skipped" if skipped else "it has no rows"
+            raise DataError(f"no {split} data in {label}: {why}")
+        rendering = "" if fmt == "text" else f", {self.rendering}"
+        self.report.sources[split] = f"{label} ({fmt}{rendering})"
+        return samples
+
+    def _records(self, source: str | list[dict[str, Any]], split: str) -> tuple[Iterator[Record], str]:
+        if isinstance(source, list):
+            return read_rows(source, f"data.{split}"), f"data.{split} (a list of {len(source)} rows)"
+        path = get_builtin(source).locate() if is_builtin(source) else source
+        label = f"{source} = {path}" if is_builtin(source) else str(path)
+        return read_file(path, self.cfg.encoding, self.cfg.encoding_errors), label
+
+    def encode(self, samples: list[Sample], split: str, limit: int | None = None) -> list[Example]:
+        """Encode in order until ``limit`` examples are kept (all when None); empty is an error."""
+        examples: list[Example] = []
+        position, dropped_before = 0, self.encoder.stats.dropped
+        while position < len(samples) and (limit is None or len(examples) < limit):
+            chunk = len(samples) if limit is None else max(64, limit - len(examples) + 16)
+            examples += self.encoder.encode(samples[position : position + chunk], self.bad_row)
+            position += chunk
+        if limit is not None:
+            examples = examples[:limit]
+        if not examples:
+            dropped = self.encoder.stats.dropped - dropped_before
+            if not dropped:
+                raise DataError(f"no {split} examples left: every row was malformed and skipped")
+            raise DataError(
+                f"no {split} examples left: {len(samples)} rows, {dropped} dropped because truncation to "
+                f"max_seq_len={self.cfg.max_seq_len} left no trained token (e.g. "
+                f"{', '.join(self.encoder.stats.dropped_origins[:2])}); raise data.max_seq_len or shorten the prompts"
+            )
+        return examples
+
+
+def _count(size: int | float | None, total: int) -> int:
+    if size is None:
+        return 0
+    if isinstance(size, float):
+        return max(1, round(size * total))
+    return size
+
+
+def build_datasets(
+    cfg: DataConfig, tokenizer: Any, seed: int | None = None, *, splits: tuple[str, ...] = SPLITS
+) -> DataSplits:
+    """Read, split and encode the data of ``cfg``; ``splits`` limits which splits are encoded.
+
+    ``seed`` (the run's seed) is used for splitting only when ``cfg.split_seed`` is null.
+    Raises :class:`DataError` for unreadable data and :class:`ConfigError` for an invalid config.
+    """
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; choose from {SPLITS}")
+    cfg = apply_builtin_defaults(cfg)
+    problems = cfg.validate()
+    if problems:
+        raise ConfigError(problems, "data")
+    report = DataReport(max_seq_len=cfg.max_seq_len)
+    loader = _Loader(cfg, tokenizer, report)
+    if cfg.format == "chat" and not has_chat_template(tokenizer):
+        raise DataError(
+            "data.format is chat but the tokenizer has no chat template; set tokenizer.chat_template"
+        )
+    out: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    carved = {"test": cfg.test_size, "validation": cfg.val_size}
+    needs_train = "train" in splits or any(carved[s] is not None for s in splits if s in carved)
+    if needs_train:
+        if cfg.train is None:
+            raise DataError("no training data: set data.train to a file or builtin:NAME")
+        rows = loader.samples(cfg.train, "train")
+        order = list(range(len(rows)))
+        random.Random(cfg.split_seed if cfg.split_seed is not None else (seed or 0)).shuffle(order)
+        n_test, n_val = _count(cfg.test_size, len(rows)), _count(cfg.val_size, len(rows))
+        if n_test + n_val >= len(rows):
+            raise DataError(
+                f"test_size ({n_test} rows) and val_size ({n_val} rows) leave no training rows "
+                f"out of {len(rows)}; make them smaller"
+            )
+        parts = {
+            "test": sorted(order[:n_test]),
+            "validation": sorted(order[n_test : n_test + n_val]),
+            "train": order[n_test + n_val :],
+        }
+        for split in splits:
+            if split == "train" or carved.get(split) is not None:
+                limit = cfg.max_train_examples if split == "train" else None
+                out[split] = loader.encode([rows[i] for i in parts[split]], split, limit)
+    for split, source in (("validation", cfg.validation), ("test", cfg.test)):
+        if split in splits and source is not None:
+            out[split] = loader.encode(loader.samples(source, split), split)
+    report.truncated = loader.encoder.stats.truncated
+    report.dropped = loader.encoder.stats.dropped
+    report.dropped_origins = loader.encoder.stats.dropped_origins
+    for split in SPLITS:
+        if split in splits:
+            report.sizes[split] = len(out[split])
+            counts = Counter(e.answer for e in out[split] if e.answer is not None)
+            if 0 < len(counts) <= 20:
+                report.answers[split] = dict(counts)
+    return DataSplits(out["train"], out["validation"], out["test"], report)
+
+
+def load_split(
+    cfg: DataConfig, tokenizer: Any, split: str = "test", seed: int | None = None
+) -> list[Example]:
+    """One split only (e.g. the test set for evaluation), carved exactly as training carved it."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+    resolved = apply_builtin_defaults(cfg)
+    if split == "test" and resolved.test is None and resolved.test_size is None:
+        raise DataError(
+            "no test split configured: set data.test (a file) or data.test_size (carved from train)"
+        )
+    if split == "validation" and resolved.validation is None and resolved.val_size is None:
+        raise DataError("no validation split configured: set data.validation or data.val_size")
+    return getattr(build_datasets(cfg, tokenizer, seed, splits=(split,)), split)

@@ -1,0 +1,109 @@
+"""LoRA's configuration: PEFT's ``LoraConfig`` field names and defaults, for the parts we implement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from peftkit.methods.base import TargetingConfig
+
+
+@dataclass(kw_only=True)
+class LoraConfig(TargetingConfig):
+    """Low-rank adaptation (Hu et al., 2021): ``W x + (alpha / r) * B A x`` with A: (r, in), B: (out, r)."""
+
+    peft_type: str | None = field(
+        default="LORA", metadata={"help": "Which PEFT method this config belongs to (always LORA)."}
+    )
+    r: int = field(
+        default=8, metadata={"help": "Rank of the update B @ A; more rank, more capacity and memory."}
+    )
+    lora_alpha: int | float = field(
+        default=8,
+        metadata={
+            "help": "Scale of the update: it is multiplied by lora_alpha / r (or / sqrt(r) with rslora)."
+        },
+    )
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the LoRA branch's input (0 <= p < 1)."}
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={
+            "help": "PEFT's flag for layers storing weights as (in, out), like GPT-2's Conv1D. peftkit reads the "
+            "orientation from the layer type; the flag is kept so PEFT files round-trip."
+        },
+    )
+    bias: Literal["none", "all", "lora_only"] = field(
+        default="none",
+        metadata={
+            "help": "Which base-model biases to train and save: none, all (every bias in the model) or "
+            "lora_only (biases of the adapted layers)."
+        },
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "Rank-stabilised LoRA: scale by lora_alpha / sqrt(r) instead of lora_alpha / r."},
+    )
+    init_lora_weights: bool | str = field(
+        default=True,
+        metadata={
+            "help": "true: A kaiming-uniform, B zero, so training starts from the base model (PEFT default); "
+            "'gaussian': A normal with std 1/r, B zero; false: A and B both random (for tests only)."
+        },
+    )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Per-module ranks: {regex matched against the end of the module name: r}."},
+    )
+    alpha_pattern: dict[str, int | float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module lora_alpha: {regex matched against the end of the module name: alpha}."
+        },
+    )
+
+    PEFT_DEFAULTS_NOT_IMPLEMENTED: ClassVar[dict[str, Any]] = {
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "kasa_config": None,
+        "layer_replication": None,
+        "loftq_config": {},
+        "lora_bias": False,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "monteclora_config": None,
+        "qalora_group_size": 16,
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_dora": False,
+        "use_qalora": False,
+        "velora_config": None,
+    }
+    PEFT_KEYS_SWITCHED_BY: ClassVar[dict[str, str]] = {
+        "megatron_core": "megatron_config",
+        "qalora_group_size": "use_qalora",
+    }
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            problems.append(f"r must be a positive integer (the LoRA rank, typically 8-64), got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            problems.append(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
+            problems.append(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported by peftkit; use true (default), "
+                "'gaussian' or false"
+            )
+        for pattern, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                problems.append(f"rank_pattern[{pattern!r}] must be a positive integer rank, got {rank!r}")
+        return problems

@@ -1,0 +1,92 @@
+"""LoRA's model wrapper: the hooks that ``InjectedAdapterModel`` asks a method for."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import ClassVar
+
+from torch import nn
+
+from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.layer import LoraLinear
+from peftkit.methods.targeting import is_linear_like
+from peftkit.methods.tuner import InjectedAdapterModel
+
+# PEFT's default target modules per transformers model_type (used when target_modules is null).
+LORA_DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "t5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+}
+
+
+def pattern_value(patterns: dict[str, float], name: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key whose regex matches the end of ``name``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+class LoraModel(InjectedAdapterModel):
+    """Injects :class:`LoraLinear` layers into ``nn.Linear`` / ``Conv1D`` targets."""
+
+    method_name: ClassVar[str] = "LoRA"
+    default_target_modules: ClassVar[dict[str, list[str]]] = LORA_DEFAULT_TARGET_MODULES
+    peft_config: dict[str, LoraConfig]
+
+    @classmethod
+    def is_supported(cls, module: nn.Module) -> bool:
+        return isinstance(module, LoraLinear) or is_linear_like(module)
+
+    def create_or_update(
+        self, target: nn.Module, name: str, config: LoraConfig, adapter_name: str
+    ) -> nn.Module:
+        layer = target if isinstance(target, LoraLinear) else LoraLinear(target)
+        if config.fan_in_fan_out != layer.fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(layer.base_layer).__name__} layers; "
+                "peftkit uses the layer's own weight layout",
+                stacklevel=2,
+            )
+        layer.update_layer(
+            adapter_name,
+            r=int(pattern_value(config.rank_pattern, name, config.r)),
+            lora_alpha=pattern_value(config.alpha_pattern, name, config.lora_alpha),
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights,
+            use_rslora=config.use_rslora,
+        )
+        return layer
+
+    def extra_trainable_names(self, adapter_name: str) -> list[str]:
+        bias = self.peft_config[adapter_name].bias
+        if bias == "all":
+            return [
+                n for n, _ in self.named_parameters(remove_duplicate=False) if n.rsplit(".", 1)[-1] == "bias"
+            ]
+        if bias == "lora_only":
+            return [
+                f"{name}.base_layer.bias"
+                for name, module in self.named_modules()
+                if isinstance(module, LoraLinear) and module.base_layer.bias is not None
+            ]
+        return []

@@ -1,0 +1,122 @@
+"""Shared model wrapper for methods that swap adapter layers into the model (LoRA, IA3, LoHa, ...).
+
+A method subclasses :class:`InjectedAdapterModel` once and fills in three hooks:
+
+* ``is_supported(module)``            -- can this method adapt this module?
+* ``create_or_update(target, name, config, adapter_name)`` -- return the adapter layer for it
+* ``default_target_modules``          -- {model_type: [names]} used when target_modules is null
+
+and optionally ``extra_trainable_names(adapter_name)`` for base-model parameters the method also
+trains and saves (LoRA's ``bias``). Everything else -- matching, ``modules_to_save``, switching
+adapters, the state-dict key map, unloading -- is here and never looks at the method's name.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from peftkit.methods.base import AdapterModule, TargetingConfig
+from peftkit.methods.modules_to_save import find_modules_to_save, wrap_modules_to_save
+from peftkit.methods.targeting import (
+    inject_adapter,
+    replace_module,
+    resolve_target_modules,
+    targetable_modules,
+)
+
+
+class InjectedAdapterModel(nn.Module):
+    """Wraps the user's model as ``.model`` and manages the adapters injected into it."""
+
+    method_name: ClassVar[str] = "this method"  # for error messages only
+    default_target_modules: ClassVar[dict[str, list[str]]] = {}
+
+    def __init__(self, model: nn.Module, config: TargetingConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, TargetingConfig] = {}
+        self.active_adapter: str | None = adapter_name
+        self.add_adapter(adapter_name, config)
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    @classmethod
+    def is_supported(cls, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def create_or_update(
+        self, target: nn.Module, name: str, config: TargetingConfig, adapter_name: str
+    ) -> nn.Module:
+        raise NotImplementedError
+
+    def extra_trainable_names(self, adapter_name: str) -> list[str]:
+        """Names (relative to this module) of base parameters trained and saved with the adapter."""
+        return []
+
+    # -- shared --------------------------------------------------------------------------------
+
+    @classmethod
+    def targetable_modules(cls, model: nn.Module) -> list[str]:
+        return targetable_modules(model, cls.is_supported)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def add_adapter(self, adapter_name: str, config: TargetingConfig) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name")
+        if config.modules_to_save:
+            find_modules_to_save(self.model, config.modules_to_save)  # fail before changing the model
+        config = resolve_target_modules(
+            config,
+            self.model,
+            defaults=self.default_target_modules,
+            is_supported=self.is_supported,
+            method=self.method_name,
+        )
+        inject_adapter(
+            self.model,
+            config,
+            create_or_update=lambda target, name: self.create_or_update(target, name, config, adapter_name),
+            is_supported=self.is_supported,
+            method=self.method_name,
+        )
+        if config.modules_to_save:
+            wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
+        self.peft_config[adapter_name] = config
+        self.set_adapter(self.active_adapter)  # new layers start on the currently active adapter
+
+    def adapter_modules(self) -> list[tuple[str, AdapterModule]]:
+        """The outermost adapter layers, with names relative to this module."""
+        found: list[tuple[str, AdapterModule]] = []
+        for name, module in self.named_modules():
+            if isinstance(module, AdapterModule) and not any(
+                name.startswith(f"{outer}.") for outer, _ in found[-1:]
+            ):
+                found.append((name, module))
+        return found
+
+    def set_adapter(self, adapter_name: str | None) -> None:
+        if adapter_name is not None and adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {', '.join(self.peft_config)}")
+        self.active_adapter = adapter_name
+        for _, module in self.adapter_modules():
+            module.active_adapter = adapter_name
+
+    def adapter_state_keys(self, adapter_name: str) -> dict[str, str]:
+        keys = {}
+        for name, module in self.adapter_modules():
+            for saved, own in module.adapter_params(adapter_name).items():
+                keys[f"{name}.{saved}"] = f"{name}.{own}"
+        keys.update({name: name for name in self.extra_trainable_names(adapter_name)})
+        return keys
+
+    def unload(self, merge: bool) -> nn.Module:
+        for name, module in self.adapter_modules():
+            replace_module(self, name, module.unwrap(merge))
+        self.peft_config.clear()
+        return self.model

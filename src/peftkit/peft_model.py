@@ -1,0 +1,320 @@
+"""``PeftModel``: a model with adapters, saved and loaded in PEFT's format.
+
+    PeftModel
+      └─ base_model     the method's TunerModel (e.g. LoraModel), found through the registry
+           └─ model     the user's model, adapter layers swapped in
+
+The attribute path is PEFT's, so ``state_dict()`` keys read
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` in both libraries.
+Attributes of the wrapped model are delegated explicitly (``config``, ``generate``, ...); there
+is no catch-all ``__getattr__``, so a typo raises instead of reaching into the wrong object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.methods import get_method
+from peftkit.methods.base import AdapterModule, PeftConfig, TaskType, TunerModel
+from peftkit.serialization import (
+    get_peft_model_state_dict,
+    load_adapter_weights,
+    resolve_adapter_dir,
+    save_adapters,
+    set_peft_model_state_dict,
+)
+
+
+def _model_name(model: nn.Module) -> str | None:
+    """The Hub id / path a transformers model was loaded from ("" for models built from a config)."""
+    return model.__dict__.get("name_or_path") or None
+
+
+class PeftModel(nn.Module):
+    """Wraps ``model`` with the adapter described by ``peft_config`` (injected in place)."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
+        super().__init__()
+        if any(isinstance(module, AdapterModule) for module in model.modules()):
+            raise PeftkitError(
+                "this model already contains adapter layers; wrap a fresh base model, or add another "
+                "adapter with PeftModel.add_adapter / load_adapter"
+            )
+        spec = get_method(str(peft_config.peft_type))
+        if not isinstance(peft_config, spec.config_cls):
+            raise TypeError(
+                f"peft_type {spec.peft_type} needs a {spec.config_cls.__name__}, got {type(peft_config)}"
+            )
+        self.base_model: TunerModel = spec.model_cls(model, peft_config, adapter_name)
+        self._update_trainable()
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.base_model.active_adapter
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (with adapter layers in it)."""
+        return self.base_model.model
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Inject another adapter of the same method; it becomes active only with ``set_adapter``."""
+        spec = get_method(str(peft_config.peft_type))
+        if not isinstance(self.base_model, spec.model_cls):
+            raise PeftkitError(
+                f"cannot add a {spec.peft_type} adapter to a model holding {type(self.base_model).__name__} adapters"
+            )
+        self.base_model.add_adapter(adapter_name, peft_config)
+        self._update_trainable()  # the new adapter's parameters are created trainable
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Use ``adapter_name`` in forward; only its weights are trainable (unless inference_mode)."""
+        self.base_model.set_adapter(adapter_name)
+        self._update_trainable()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model without any adapter inside the block (e.g. a DPO reference pass)."""
+        active = self.active_adapter
+        self.base_model.set_adapter(None)
+        try:
+            yield
+        finally:
+            self.base_model.set_adapter(active)
+
+    def _update_trainable(self) -> None:
+        """Freeze everything, then unfreeze the active adapter's parameters (PEFT's rule)."""
+        for param in self.parameters():
+            param.requires_grad_(False)
+        if self.active_adapter is None or self.active_peft_config.inference_mode:
+            return
+        params = dict(self.base_model.named_parameters(remove_duplicate=False))
+        for name in self.base_model.adapter_state_keys(self.active_adapter).values():
+            if name in params:
+                params[name].requires_grad_(True)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts, counted like PEFT (works on the meta device)."""
+        trainable = total = 0
+        for _, param in self.named_parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # -- explicit delegation to the wrapped model ----------------------------------------------
+
+    @property
+    def config(self) -> Any:
+        return self.get_base_model().config
+
+    @property
+    def generation_config(self) -> Any:
+        return self.get_base_model().generation_config
+
+    @property
+    def device(self) -> torch.device:
+        base = self.get_base_model()
+        return base.device if hasattr(base, "device") else next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        base = self.get_base_model()
+        return base.dtype if hasattr(base, "dtype") else next(self.parameters()).dtype
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.get_base_model().get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.get_base_model().get_output_embeddings()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.get_base_model().modules())
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute activations in backward, and let inputs require grad: with frozen embeddings,
+        reentrant checkpointing would otherwise see no input needing grad and drop the adapters' grads."""
+        base = self.get_base_model()
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+        self.enable_input_require_grads()
+
+    def activation_checkpointing_disable(self) -> None:
+        base = self.get_base_model()
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """The older transformers name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
+    def enable_input_require_grads(self) -> None:
+        self.get_base_model().enable_input_require_grads()
+
+    def disable_input_require_grads(self) -> None:
+        self.get_base_model().disable_input_require_grads()
+
+    # -- unloading -----------------------------------------------------------------------------
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the active adapter into the base weights; return the plain model (this wrapper is spent)."""
+        return self.base_model.unload(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove the adapter layers without merging; return the plain model."""
+        return self.base_model.unload(merge=False)
+
+    # -- saving and loading --------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        *,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+    ) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as PEFT does.
+
+        The "default" adapter goes into ``save_directory``, others into ``save_directory/<name>``.
+        ``is_main_process=False`` writes nothing (for multi-process training).
+        """
+        if not safe_serialization:
+            raise ValueError("peftkit writes adapters only as safetensors; drop safe_serialization=False")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter(s) named {unknown}; adapters: {', '.join(self.peft_config)}")
+        if not is_main_process:
+            return
+        base = self.get_base_model()
+        adapters = {}
+        for name in names:
+            config = self.peft_config[name].to_peft_json()
+            config["inference_mode"] = True
+            config["base_model_name_or_path"] = config["base_model_name_or_path"] or _model_name(base)
+            # Without a task type PEFT records the model class, so AutoPeftModel can rebuild it.
+            config["auto_mapping"] = (
+                {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+                if config["task_type"] is None
+                else None
+            )
+            adapters["" if name == "default" else name] = (get_peft_model_state_dict(self, name), config)
+        save_adapters(save_directory, adapters)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        revision: str | None = None,
+    ) -> PeftModel:
+        """Wrap ``model`` with the adapter saved in ``model_id`` (a directory or Hub repo id).
+
+        Reads only safetensors. Called on ``PeftModel`` it returns the class for the saved
+        ``task_type`` (``PeftModelForCausalLM`` for CAUSAL_LM). Without ``is_trainable`` the
+        adapter is frozen and the model put in eval mode.
+        """
+        directory = resolve_adapter_dir(model_id, revision)
+        config = config if config is not None else PeftConfig.from_pretrained(directory)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        weights = load_adapter_weights(directory)  # before injecting: fail early on a missing/pickle file
+        model_cls = TASK_MODEL_CLASSES.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        peft_model = model_cls(model, config, adapter_name)
+        set_peft_model_state_dict(peft_model, weights, adapter_name)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        revision: str | None = None,
+    ) -> None:
+        """Add the adapter saved in ``model_id`` under ``adapter_name`` (not made active)."""
+        directory = resolve_adapter_dir(model_id, revision)
+        config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
+        weights = load_adapter_weights(directory)
+        self.add_adapter(adapter_name, config)
+        set_peft_model_state_dict(self, weights, adapter_name)
+
+
+class PeftModelForCausalLM(PeftModel):
+    """A ``PeftModel`` for decoder-only language models (``TaskType.CAUSAL_LM``)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+
+# The PeftModel class for each task type; task types not listed use PeftModel itself.
+TASK_MODEL_CLASSES: dict[TaskType, type[PeftModel]] = {TaskType.CAUSAL_LM: PeftModelForCausalLM}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Inject the adapter described by ``peft_config`` into ``model`` (in place) and wrap it.
+
+    ``peft_config`` itself is not modified; the model's copy records the base model's name.
+    """
+    config = dataclasses.replace(peft_config)
+    config.base_model_name_or_path = _model_name(model) or config.base_model_name_or_path
+    return TASK_MODEL_CLASSES.get(config.task_type, PeftModel)(model, config, adapter_name)

@@ -1,0 +1,1 @@
+"""Training: the job config, the loop, checkpoints and metrics."""

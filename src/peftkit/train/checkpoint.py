@@ -1,0 +1,163 @@
+"""Resumable checkpoints, written atomically and without pickle.
+
+A checkpoint directory ``<output_dir>/checkpoints/step-000050/`` holds::
+
+    adapter/                  the adapter, in PEFT's format (loads anywhere)
+    optimizer.safetensors     every optimizer state tensor, keyed "<param index>.<name>"
+    rng.safetensors           torch RNG states (CPU and CUDA)
+    trainer_state.json        step, scheduler, optimizer hyper-parameters, Python/NumPy RNG
+
+It appears under its final name only once complete (``peftkit.io.atomic_dir``), so a kill
+during a save leaves at most a temporary directory that is ignored and cleaned up.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from peftkit.io import atomic_dir, remove_stale_temporaries
+
+_NAME = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """What, besides tensors, a resumed run needs to continue exactly."""
+
+    step: int
+    tokens_seen: int
+    scheduler: dict[str, Any]
+    optimizer_groups: list[dict[str, Any]]
+    python_rng: Any
+    numpy_rng: Any
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporaries of interrupted saves are skipped)."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    return tensors
+
+
+def _python_rng_to_json() -> Any:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _numpy_rng_to_json() -> Any:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    *,
+    step: int,
+    tokens_seen: int,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    root = checkpoints_dir(output_dir)
+    remove_stale_temporaries(root)
+    final = root / f"step-{step:06d}"
+    opt_state = optimizer.state_dict()
+    tensors = {}
+    for index, state in opt_state["state"].items():
+        for name, value in state.items():
+            tensors[f"{index}.{name}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    state = TrainerState(
+        step=step,
+        tokens_seen=tokens_seen,
+        scheduler=scheduler_state,
+        optimizer_groups=opt_state["param_groups"],
+        python_rng=_python_rng_to_json(),
+        numpy_rng=_numpy_rng_to_json(),
+    )
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp / "adapter")
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file({k: v.contiguous() for k, v in _rng_tensors().items()}, str(tmp / "rng.safetensors"))
+        # The state file goes last: its presence is what marks a checkpoint as complete.
+        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1, default=_json_default))
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _json_default(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.tolist()
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainerState:
+    """Restore adapter weights, optimizer, scheduler and every RNG from ``path``."""
+    from peftkit.serialization import set_peft_model_state_dict
+
+    path = Path(path)
+    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state.optimizer_groups})
+    # LambdaLR stores its (unpicklable) functions as None; ours are rebuilt from the config.
+    scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)})
+
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, internal, gauss = state.python_rng
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state.numpy_rng
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return state

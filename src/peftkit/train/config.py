@@ -1,0 +1,254 @@
+"""The training job's YAML config: typed sections, checked before any model loads.
+
+Layout of a job file::
+
+    base_model: smollm2-135m-instruct
+    method: lora
+    lora:               # options of the chosen method (its config class's fields)
+      r: 16
+    data: {...}         # peftkit.data.DataConfig
+    training: {...}     # TrainingConfig
+    evaluation: {...}   # EvaluationConfig
+    output_dir: runs/my-run
+
+The section named after the method is validated against that method's config class, found
+through the method registry, so a new method needs no change here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from peftkit.configuration import ConfigError, closest, from_dict, to_dict, unknown_key_message
+from peftkit.data import DataConfig
+
+
+@dataclass
+class TrainingConfig:
+    """How to optimise: steps, batch, learning-rate schedule, precision, checkpoints."""
+
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps to run; if unset, `epochs` decides."}
+    )
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the training split (used when max_steps is unset)."})
+    batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step; loss is normalised over all their label tokens."}
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay."})
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    lr_scheduler: Literal["cosine", "linear", "constant"] = field(
+        default="cosine", metadata={"help": "Decay after warm-up: cosine or linear to `min_lr_ratio`, or constant."}
+    )
+    warmup_steps: int | None = field(default=None, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Warm-up as a fraction of all steps."})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "Final learning rate as a fraction of the peak."})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Clip the global gradient norm to this value (null: no clipping)."}
+    )
+    precision: Literal["auto", "bf16", "fp32"] = field(
+        default="auto",
+        metadata={"help": "auto: bf16 autocast where the hardware supports it (CPU with AMX/AVX512-BF16, recent GPUs), else fp32."},
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
+    attention: Literal["auto", "eager", "sdpa"] = field(
+        default="auto",
+        metadata={
+            "help": "Attention kernel. auto: sdpa on GPUs; eager on CPUs, where torch's SDPA backward is "
+            "slow for short sequences (measured 1.4x faster training for SmolLM2-135M at 64 tokens)."
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for adapter init, data order and dropout."})
+    group_by_length: bool = field(
+        default=True, metadata={"help": "Batch examples of similar length together (less padding), order still seeded."}
+    )
+    log_every: int = field(default=1, metadata={"help": "Write a metrics line every N steps."})
+    eval_every: int | None = field(
+        default=None, metadata={"help": "Evaluate loss on the validation split every N steps (null: only at the end)."}
+    )
+    save_every: int | None = field(
+        default=None, metadata={"help": "Write a resumable checkpoint every N steps (null: no intermediate checkpoints)."}
+    )
+    keep_checkpoints: int = field(default=2, metadata={"help": "How many recent checkpoints to keep."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (null: torch's default)."})
+
+    def validate(self) -> list[str]:
+        problems = []
+        positive = ["batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                problems.append(f"'training.{name}' must be >= 1, got {getattr(self, name)}")
+        for name in ["max_steps", "eval_every", "save_every", "warmup_steps", "num_threads"]:
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "warmup_steps" else 1):
+                problems.append(f"'training.{name}' must be positive, got {value}")
+        if self.max_steps is None and self.epochs <= 0:
+            problems.append("'training.epochs' must be > 0 (or set 'training.max_steps')")
+        if self.learning_rate <= 0:
+            problems.append(f"'training.learning_rate' must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"'training.warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"'training.min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.adam_betas) != 2:
+            problems.append(f"'training.adam_betas' must have two values, got {self.adam_betas}")
+        return problems
+
+
+@dataclass
+class EvaluationConfig:
+    """What to measure on the held-out test split before and after training."""
+
+    accuracy_before: bool = field(
+        default=False, metadata={"help": "Measure answer accuracy by generation on the test split before training."}
+    )
+    accuracy_after: bool = field(
+        default=True, metadata={"help": "Measure answer accuracy by generation on the test split after training."}
+    )
+    max_new_tokens: int = field(default=8, metadata={"help": "Tokens generated per test prompt."})
+    match: Literal["first_word", "exact", "contains"] = field(
+        default="first_word", metadata={"help": "How a generated answer is compared with the expected one."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Prompts per generation / evaluation batch."})
+    show_samples: int = field(default=5, metadata={"help": "Sample predictions to print after evaluation."})
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ["max_new_tokens", "batch_size"]:
+            if getattr(self, name) < 1:
+                problems.append(f"'evaluation.{name}' must be >= 1, got {getattr(self, name)}")
+        return problems
+
+
+@dataclass
+class TrainJobConfig:
+    """A whole fine-tuning job: base model, method, data, optimisation, evaluation, output."""
+
+    base_model: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "Built-in model name, local Hugging Face model directory, or hub id."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow a hub model to run its own Python code (off unless you trust it)."}
+    )
+    method: str = field(default="lora", metadata={"help": "Fine-tuning method; its options go in a section of the same name."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Where the data comes from and how it is formatted."})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation settings."})
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Held-out evaluation."})
+    output_dir: str = field(default="runs/peftkit", metadata={"help": "Where checkpoints, metrics, plots and the adapter go."})
+    method_config: Any = field(default=None, metadata={"help": "The method's config object (built from its section)."})
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        data = to_dict(dataclasses.replace(self, method_config=None))
+        data.pop("method_config")
+        if self.method_config is not None:
+            settable = {f.name for f in dataclasses.fields(self.method_config) if f.init}
+            data[self.method] = {k: _yaml_safe(v) for k, v in to_dict(self.method_config).items() if k in settable}
+        return data
+
+
+def _yaml_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_yaml_safe(v) for v in value]
+    if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
+        return value.value
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value (for example training.max_steps=100), got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of options at the top level, got {type(data).__name__}")
+    return data
+
+
+def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> TrainJobConfig:
+    """Validate a job mapping (YAML data after overrides); every problem is reported at once."""
+    from peftkit.methods import get_method, list_methods
+
+    raw = dict(raw)
+    methods = list(list_methods())
+    method = raw.get("method", "lora")
+    problems: list[str] = []
+    method_section: dict[str, Any] = {}
+    spec = None
+    if not isinstance(method, str) or method not in methods:
+        near = closest(str(method), methods)
+        hint = f"did you mean {near[0]!r}?" if near else f"available: {', '.join(methods)}"
+        problems.append(f"'method' is {method!r}, which is not a known method: {hint}")
+    else:
+        spec = get_method(method)
+    for name in methods:
+        if name in raw:
+            section = raw.pop(name)
+            if name != method:
+                problems.append(f"section '{name}' is given but 'method' is {method!r}: rename the section or set method: {name}")
+            elif section is not None and not isinstance(section, dict):
+                problems.append(f"section '{name}' must be a mapping of {name} options")
+            else:
+                method_section = section or {}
+    top_fields = {f.name for f in dataclasses.fields(TrainJobConfig) if f.name != "method_config"}
+    for key in list(raw):
+        if key not in top_fields:
+            problems.append(unknown_key_message(str(key), "", top_fields | set(methods)))
+            raw.pop(key)
+    job = None
+    try:
+        job = from_dict(TrainJobConfig, raw)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    method_config = None
+    if spec is not None:
+        try:
+            method_config = from_dict(spec.config_cls, method_section, where=method)
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems, source)
+    assert job is not None
+    job.method_config = method_config
+    return job
+
+
+def load_job_config(path: str | Path, overrides: list[str] | None = None) -> TrainJobConfig:
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return build_job_config(raw, source=str(path))

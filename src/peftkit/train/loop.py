@@ -1,0 +1,339 @@
+"""The training loop, top to bottom.
+
+``setup`` builds everything in dependency order (output dir -> seeds -> device -> model and
+tokenizer -> data, which needs the tokenizer -> adapter, which needs the model -> optimizer,
+which needs the adapter's parameters -> scheduler -> resume state, which needs all of them).
+``train`` is one explicit loop: micro-batches, token-normalised accumulation, clipping,
+optimizer and scheduler steps, logging, evaluation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from peftkit.errors import PeftkitError
+from peftkit.io import atomic_file, write_json
+from peftkit.train.batching import MicroBatchStream, collate, count_label_tokens
+from peftkit.train.checkpoint import (
+    checkpoints_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from peftkit.train.config import TrainJobConfig
+from peftkit.train.loss import lm_loss_sum
+from peftkit.train.metrics import METRICS_FILE, MetricsLog
+from peftkit.train.precision import split_precision
+from peftkit.train.schedule import build_scheduler
+
+ADAPTER_DIR = "adapter"
+RESULTS_FILE = "eval_results.json"
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class TrainSession:
+    """Everything ``setup`` built; ``train`` only reads these."""
+
+    job: TrainJobConfig
+    output_dir: Path
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    model: Any
+    tokenizer: Any
+    data: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: MicroBatchStream
+    total_steps: int
+    start_step: int = 0
+    tokens_seen: int = 0
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    from peftkit.models import bf16_supported
+
+    if precision == "fp32":
+        return None
+    supported = bf16_supported(device)
+    if precision == "bf16" and not supported:
+        raise PeftkitError(f"training.precision is bf16 but {device} does not support bfloat16: set precision: fp32")
+    return torch.bfloat16 if supported else None
+
+
+def autocast(session: TrainSession):
+    if session.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(session.device.type, dtype=session.autocast_dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def total_optimizer_steps(job: TrainJobConfig, batches_per_epoch: int) -> int:
+    t = job.training
+    if t.max_steps is not None:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * batches_per_epoch / t.gradient_accumulation_steps))
+
+
+def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """Return the checkpoint to resume from; refuse to silently mix two runs in one directory."""
+    checkpoint = latest_checkpoint(output_dir)
+    if resume:
+        if checkpoint is None:
+            say(f"--resume: no complete checkpoint in {output_dir}/checkpoints, starting from step 0")
+        return checkpoint
+    has_run = list_checkpoints(output_dir) or (output_dir / ADAPTER_DIR).exists()
+    if has_run and not overwrite:
+        raise PeftkitError(
+            f"{output_dir} already holds a run (checkpoints or an adapter): pass --resume to continue it, "
+            "--overwrite to start again, or set output_dir to a new directory"
+        )
+    if overwrite:
+        # A later --resume must never pick up a checkpoint of the run being replaced.
+        shutil.rmtree(checkpoints_dir(output_dir), ignore_errors=True)
+        for name in (RESULTS_FILE, METRICS_FILE):
+            (output_dir / name).unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False) -> TrainSession:
+    from peftkit import get_peft_model
+    from peftkit.data import build_datasets
+    from peftkit.models import load_model_and_tokenizer
+
+    t = job.training
+    output_dir = Path(job.output_dir)
+    checkpoint = prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    seed_everything(t.seed)
+    device = resolve_device(t.device)
+    autocast_dtype = resolve_autocast(t.precision, device)
+
+    attention = t.attention if t.attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
+    model, tokenizer = load_model_and_tokenizer(
+        job.base_model, trust_remote_code=job.trust_remote_code, attn_implementation=attention
+    )
+    data = build_datasets(job.data, tokenizer, seed=t.seed)
+    say(data.summary())
+    # With bf16 autocast the frozen weights are stored in bf16 from the start (see precision.py);
+    # adapters are created in fp32 whatever the base dtype.
+    model.to(device, dtype=autocast_dtype) if autocast_dtype is not None else model.to(device)
+
+    previous = _read_results(output_dir) if checkpoint is not None else {}
+    results: dict[str, Any] = {"before": previous.get("before")} if previous.get("before") else {}
+    if job.evaluation.accuracy_before and not results.get("before") and data.test:
+        say(f"Evaluating the base model on {len(data.test)} held-out examples ...")
+        results["before"] = evaluate_test_accuracy(job, model, tokenizer, data.test, device, autocast_dtype, "before")
+
+    torch.manual_seed(t.seed)  # adapter init does not depend on what evaluation consumed
+    method_config = job.method_config
+    if getattr(method_config, "base_model_name_or_path", None) is None and hasattr(method_config, "base_model_name_or_path"):
+        method_config.base_model_name_or_path = job.base_model
+    model = get_peft_model(model, method_config)
+    if autocast_dtype is not None:
+        split_precision(model, autocast_dtype)
+    model.to(device)
+    model.train()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PeftkitError(f"method '{job.method}' left no trainable parameters: check its target modules")
+    optimizer = torch.optim.AdamW(
+        params, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay
+    )
+    stream = MicroBatchStream(data.train, t.batch_size, seed=t.seed, group_by_length=t.group_by_length)
+    total_steps = total_optimizer_steps(job, stream.batches_per_epoch)
+    scheduler = build_scheduler(optimizer, t, total_steps)
+
+    session = TrainSession(
+        job, output_dir, device, autocast_dtype, model, tokenizer, data, optimizer, scheduler, stream, total_steps,
+        results=results,
+    )
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        session.start_step, session.tokens_seen = state.step, state.tokens_seen
+        say(f"Resumed from {checkpoint} (step {state.step} of {total_steps})")
+    with atomic_file(output_dir / "train_config.yaml", "w") as handle:
+        yaml.safe_dump(job.to_yaml_dict(), handle, sort_keys=False)
+    return session
+
+
+def train(session: TrainSession, *, stop_after_step: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the optimisation; ``stop_after_step`` simulates an interruption (for tests)."""
+    job, t = session.job, session.job.training
+    model, optimizer, scheduler = session.model, session.optimizer, session.scheduler
+    pad_id = session.tokenizer.pad_token_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics = MetricsLog(session.output_dir, resume_step=session.start_step)
+    accum = t.gradient_accumulation_steps
+
+    bar = tqdm(
+        total=session.total_steps, initial=session.start_step, disable=not progress, desc="train", unit="step",
+        dynamic_ncols=True, file=sys.stderr,
+    )
+    model.train()
+    for step in range(session.start_step + 1, session.total_steps + 1):
+        started = time.perf_counter()
+        batches = [collate(session.stream.get((step - 1) * accum + i), pad_id) for i in range(accum)]
+        # Normalise by the label tokens of the whole optimizer step, not per micro-batch, so
+        # every token weighs the same whatever the batch boundaries.
+        step_label_tokens = max(1, sum(count_label_tokens(b) for b in batches))
+        step_loss = 0.0
+        step_tokens = 0
+        for batch in batches:
+            batch = {k: v.to(session.device) for k, v in batch.items()}
+            with autocast(session):
+                loss_sum, _ = lm_loss_sum(model, batch)
+            (loss_sum / step_label_tokens).backward()
+            step_loss += loss_sum.item()
+            step_tokens += int(batch["attention_mask"].sum())
+        grad_norm = None
+        if t.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.perf_counter() - started
+        session.tokens_seen += step_tokens
+        loss = step_loss / step_label_tokens
+        if not math.isfinite(loss):
+            raise PeftkitError(f"loss became {loss} at step {step}: lower training.learning_rate or check the data")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / elapsed:.0f}", refresh=False)
+        bar.update(1)
+        if step % t.log_every == 0 or step == session.total_steps:
+            epoch, _ = session.stream.position(step * accum - 1)
+            record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens_per_s": step_tokens / elapsed,
+                      "tokens_seen": session.tokens_seen, "step_time_s": elapsed}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            metrics.log(record)
+        if t.eval_every and step % t.eval_every == 0 and step != session.total_steps and session.data.validation:
+            metrics.log({"step": step, **validation_loss(session)})
+            model.train()
+        if t.save_every and step % t.save_every == 0 and step != session.total_steps:
+            save_checkpoint(session.output_dir, step=step, tokens_seen=session.tokens_seen, model=model,
+                            optimizer=optimizer, scheduler=scheduler, keep=t.keep_checkpoints)
+            metrics.plot(force=False)
+        if stop_after_step is not None and step >= stop_after_step:
+            bar.close()
+            return {"interrupted_at": step}
+    bar.close()
+    return finish(session, metrics)
+
+
+def finish(session: TrainSession, metrics: MetricsLog) -> dict[str, Any]:
+    """Save the adapter, evaluate on held-out data, and write the results and the plot."""
+    job = session.job
+    adapter_dir = session.output_dir / ADAPTER_DIR
+    session.model.save_pretrained(adapter_dir)
+    session.tokenizer.save_pretrained(adapter_dir)
+    results = dict(session.results)
+    results["adapter_dir"] = str(adapter_dir)
+    results["steps"] = session.total_steps
+    if session.data.validation:
+        val = validation_loss(session)
+        metrics.log({"step": session.total_steps, **val})
+        results["validation"] = val
+    if job.evaluation.accuracy_after and session.data.test:
+        say(f"Evaluating the fine-tuned model on {len(session.data.test)} held-out examples ...")
+        results["after"] = evaluate_test_accuracy(
+            job, session.model, session.tokenizer, session.data.test, session.device, session.autocast_dtype, "after"
+        )
+    write_json(session.output_dir / RESULTS_FILE, results)
+    plot = metrics.plot()
+    report(results, plot)
+    return results
+
+
+def validation_loss(session: TrainSession) -> dict[str, float]:
+    from peftkit.evaluation import evaluate_loss
+
+    out = evaluate_loss(
+        session.model, session.data.validation, batch_size=session.job.evaluation.batch_size,
+        pad_token_id=session.tokenizer.pad_token_id, autocast_dtype=session.autocast_dtype,
+    )
+    return {"val_loss": out["loss"], "val_perplexity": out["perplexity"]}
+
+
+def evaluate_test_accuracy(job, model, tokenizer, examples, device, autocast_dtype, label: str) -> dict[str, Any]:
+    from peftkit.evaluation import evaluate_generation
+
+    e = job.evaluation
+    out = evaluate_generation(
+        model, tokenizer, examples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, match=e.match,
+        autocast_dtype=autocast_dtype,
+    )
+    say(f"Held-out accuracy {label} fine-tuning: {out['accuracy']:.3f} ({out['n']} examples)")
+    samples = [s._asdict() for s in out["samples"][: e.show_samples]]
+    return {"accuracy": out["accuracy"], "n": out["n"], "samples": samples}
+
+
+def report(results: dict[str, Any], plot: Path | None) -> None:
+    lines = ["", "=== peftkit train: results ==="]
+    before, after = results.get("before"), results.get("after")
+    if before:
+        lines.append(f"held-out accuracy before: {before['accuracy']:.3f}  (n={before['n']})")
+    if after:
+        lines.append(f"held-out accuracy after:  {after['accuracy']:.3f}  (n={after['n']})")
+        lines.append("sample predictions (prediction -> expected):")
+        for sample in after["samples"]:
+            lines.append("  " + _format_sample(sample))
+    if "validation" in results:
+        v = results["validation"]
+        lines.append(f"validation loss {v['val_loss']:.4f}, perplexity {v['val_perplexity']:.2f}")
+    lines.append(f"adapter saved to: {results['adapter_dir']}")
+    if plot:
+        lines.append(f"loss curve: {plot}")
+    print("\n".join(lines), flush=True)
+
+
+def _format_sample(sample: dict[str, Any]) -> str:
+    prompt = str(sample["prompt"]).replace("\n", " ")[-80:]
+    return f"...{prompt} -> {sample['prediction']!r} (expected {sample['answer']!r})"
+
+
+def _read_results(output_dir: Path) -> dict[str, Any]:
+    path = output_dir / RESULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_training(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 stop_after_step: int | None = None) -> dict[str, Any]:
+    session = setup(job, resume=resume, overwrite=overwrite)
+    if session.results.get("before") and not (session.output_dir / RESULTS_FILE).exists():
+        write_json(session.output_dir / RESULTS_FILE, session.results)
+    return train(session, stop_after_step=stop_after_step, progress=progress)

@@ -1,0 +1,50 @@
+"""Causal-LM loss that computes the output layer only where there are labels.
+
+The vocabulary projection of a small model is a large share of its compute (SmolLM2-135M:
+49k x 576 per token) and ``[batch, seq, vocab]`` logits dominate activation memory. With
+completion-only labels most positions need no logits at all, so we run the model's body,
+gather the hidden states at labelled positions, and project them in chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.train.batching import IGNORE_INDEX
+
+_CHUNK = 1024  # labelled positions projected at a time: bounds the logits buffer
+
+
+def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformer body and output layer of a causal LM, when the model exposes them."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(hf_model, "base_model_prefix", None)
+    body = getattr(hf_model, prefix, None) if prefix else None
+    get_head = getattr(hf_model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if body is None or head is None or body is hf_model:
+        return None
+    return body, head
+
+
+def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over label tokens, and how many there were."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    n_tokens = int(mask.sum())
+    parts = _body_and_head(model)
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1][mask]
+        return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), n_tokens
+    body, head = parts
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
+    selected = hidden[:, :-1][mask]  # (n_tokens, hidden)
+    targets = labels[mask]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, selected.shape[0], _CHUNK):
+        logits = head(selected[start : start + _CHUNK])  # (chunk, vocab)
+        total = total + F.cross_entropy(logits.float(), targets[start : start + _CHUNK], reduction="sum")
+    return total, n_tokens

@@ -1,0 +1,33 @@
+"""Learning-rate schedule: linear warm-up, then cosine or linear decay (or constant)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_multiplier(step: int, *, total: int, warmup: int, kind: str, min_ratio: float) -> float:
+    """Factor applied to the peak learning rate at optimizer step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def warmup_steps(training, total: int) -> int:
+    if training.warmup_steps is not None:
+        return min(training.warmup_steps, total)
+    return int(training.warmup_ratio * total)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, training, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = warmup_steps(training, total)
+
+    def factor(step: int) -> float:
+        return lr_multiplier(step, total=total, warmup=warmup, kind=training.lr_scheduler, min_ratio=training.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,160 @@
+"""The training loop on a tiny model: it learns, accumulates by tokens, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from safetensors.torch import load_file
+
+from peftkit.train.checkpoint import list_checkpoints
+from peftkit.train.config import build_job_config
+from peftkit.train.loop import run_training
+
+ROWS = [
+    {"prompt": f"word {w} is", "completion": label}
+    for w, label in [("good", "positive"), ("bad", "negative"), ("fine", "neutral"), ("great", "positive"),
+                     ("awful", "negative"), ("okay", "neutral"), ("nice", "positive"), ("poor", "negative")]
+] * 6
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.2
+    )
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return path
+
+
+def job(tiny_model_dir, data_file, out, **training):
+    settings = {"max_steps": 8, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32", "seed": 7,
+                "warmup_steps": 2, "group_by_length": False}
+    settings.update(training)
+    return build_job_config({
+        "base_model": str(tiny_model_dir),
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"},
+        "data": {"train": str(data_file), "test_size": 8},
+        "training": settings,
+        "evaluation": {"accuracy_after": False},
+        "output_dir": str(out),
+    })
+
+
+def adapter_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_reduces_loss_and_writes_outputs(tiny_model_dir, data_file, tmp_path):
+    run_training(job(tiny_model_dir, data_file, tmp_path, max_steps=30), progress=False)
+    losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    for name in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png",
+                 "train_config.yaml", "eval_results.json"]:
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_gradient_accumulation_matches_large_batch(tiny_model_dir, data_file, tmp_path):
+    big = job(tiny_model_dir, data_file, tmp_path / "big", batch_size=4)
+    big.method_config.lora_dropout = 0.0
+    small = job(tiny_model_dir, data_file, tmp_path / "small", batch_size=2, gradient_accumulation_steps=2)
+    small.method_config.lora_dropout = 0.0
+    run_training(big, progress=False)
+    run_training(small, progress=False)
+    a, b = adapter_weights(tmp_path / "big"), adapter_weights(tmp_path / "small")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_ends_with_the_same_adapter(tiny_model_dir, data_file, tmp_path):
+    run_training(job(tiny_model_dir, data_file, tmp_path / "straight", save_every=3), progress=False)
+    interrupted = job(tiny_model_dir, data_file, tmp_path / "resumed", save_every=3)
+    assert run_training(interrupted, progress=False, stop_after_step=5) == {"interrupted_at": 5}
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-000003"]
+    run_training(interrupted, resume=True, progress=False)
+    a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "resumed")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [r["step"] for r in read_metrics(tmp_path / "resumed") if "loss" in r]
+    assert steps == list(range(1, 9))
+
+
+def test_existing_run_is_not_silently_overwritten(tiny_model_dir, data_file, tmp_path):
+    from peftkit.errors import PeftkitError
+
+    run_training(job(tiny_model_dir, data_file, tmp_path, max_steps=2), progress=False)
+    with pytest.raises(PeftkitError, match="--resume"):
+        run_training(job(tiny_model_dir, data_file, tmp_path, max_steps=2), progress=False)
+    run_training(job(tiny_model_dir, data_file, tmp_path, max_steps=2), progress=False, overwrite=True)
+
+
+def test_interrupted_save_leaves_no_complete_checkpoint(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    import peftkit.train.checkpoint as checkpoint
+
+    real = checkpoint.save_file
+
+    def crash_on_rng(tensors, filename, *args, **kwargs):
+        if filename.endswith("rng.safetensors"):
+            raise KeyboardInterrupt("killed during save")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", crash_on_rng)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(job(tiny_model_dir, data_file, tmp_path, save_every=2), progress=False)
+    assert list_checkpoints(tmp_path) == []
+    assert not list((tmp_path / "checkpoints").glob("step-*[0-9]"))
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_adapter(tiny_model_dir, data_file, tmp_path):
+    """A real SIGKILL of `peftkit train`, then `--resume`, against an uninterrupted run."""
+    import yaml
+
+    def write_config(out: Path) -> Path:
+        raw = job(tiny_model_dir, data_file, out, max_steps=60, save_every=5).to_yaml_dict()
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    cmd = [sys.executable, "-m", "peftkit", "train", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*cmd, str(write_config(tmp_path / "straight"))], check=True, env=env, capture_output=True)
+
+    config = write_config(tmp_path / "killed")
+    proc = subprocess.Popen([*cmd, str(config)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list_checkpoints(tmp_path / "killed") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "adapter").exists(), "run finished before it could be killed"
+    subprocess.run([*cmd, str(config), "--resume"], check=True, env=env, capture_output=True)
+    a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "killed")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
