@@ -149,12 +149,13 @@ def test_builtin_tweet_sentiment_builds(tiny_tokenizer):
     assert set(answers(data.test)) == {"positive", "negative", "neutral"}
     text = tiny_tokenizer.decode(data.train[0].prompt_ids)
     assert text.startswith(
-        "<|im_start|>system\nLabel the tweet's sentiment: positive, negative or neutral.<|im_end|>\n"
-        "<|im_start|>user\n"
+        "<|im_start|>system\nSentiment: positive, negative or neutral?<|im_end|>\n<|im_start|>user\n"
     )
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
     # The user's options win over the builtin's defaults.
-    custom = DataConfig(train="builtin:tweet-sentiment", prompt_template="Tweet: {text}", max_train_examples=3)
+    custom = DataConfig(
+        train="builtin:tweet-sentiment", prompt_template="Tweet: {text}", max_train_examples=3
+    )
     example = build_datasets(custom, tiny_tokenizer).train[0]
     assert "user\nTweet: " in tiny_tokenizer.decode(example.input_ids) and example.answer in {
         "positive",
@@ -167,7 +168,7 @@ def test_builtin_defaults_apply_from_any_split_and_never_override_the_user():
     # Evaluating on `test: builtin:NAME` alone must format rows as training did.
     resolved = builtin.apply_builtin_defaults(DataConfig(test="builtin:tweet-sentiment"))
     assert resolved.completion_template == "{sentiment}" and resolved.encoding_errors == "replace"
-    assert resolved.prompt_template == "{text}" and resolved.system_prompt.startswith("Label the tweet")
+    assert resolved.prompt_template == "{text}" and resolved.system_prompt.startswith("Sentiment:")
     mine = builtin.apply_builtin_defaults(
         DataConfig(train="builtin:tweet-sentiment", completion_template="{text}")
     )

@@ -57,7 +57,9 @@ def test_misspelled_method_section_is_rejected():
 
 
 def test_all_problems_reported_at_once():
-    message = _problems({"training": {"batch_size": 0, "learning_rate": -1.0, "lr_scheduler": "cosin"}, "lora": {"r": 0}})
+    message = _problems(
+        {"training": {"batch_size": 0, "learning_rate": -1.0, "lr_scheduler": "cosin"}, "lora": {"r": 0}}
+    )
     for fragment in ["batch_size", "learning_rate", "cosin", "'cosine'", "r"]:
         assert fragment in message
 

@@ -12,17 +12,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama, make_tiny_tokenizer
 from safetensors.torch import load_file
 
+from conftest import make_tiny_llama, make_tiny_tokenizer
 from peftkit.train.checkpoint import list_checkpoints
 from peftkit.train.config import build_job_config
 from peftkit.train.loop import run_training
 
 ROWS = [
     {"prompt": f"word {w} is", "completion": label}
-    for w, label in [("good", "positive"), ("bad", "negative"), ("fine", "neutral"), ("great", "positive"),
-                     ("awful", "negative"), ("okay", "neutral"), ("nice", "positive"), ("poor", "negative")]
+    for w, label in [
+        ("good", "positive"),
+        ("bad", "negative"),
+        ("fine", "neutral"),
+        ("great", "positive"),
+        ("awful", "negative"),
+        ("okay", "neutral"),
+        ("nice", "positive"),
+        ("poor", "negative"),
+    ]
 ] * 6
 
 
@@ -31,7 +39,10 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     tok = make_tiny_tokenizer()
     model = make_tiny_llama(
-        vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.2
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        initializer_range=0.2,
     )
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -46,17 +57,26 @@ def data_file(tmp_path_factory):
 
 
 def job(tiny_model_dir, data_file, out, **training):
-    settings = {"max_steps": 8, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32", "seed": 7,
-                "warmup_steps": 2, "group_by_length": False}
+    settings = {
+        "max_steps": 8,
+        "batch_size": 4,
+        "learning_rate": 1e-2,
+        "precision": "fp32",
+        "seed": 7,
+        "warmup_steps": 2,
+        "group_by_length": False,
+    }
     settings.update(training)
-    return build_job_config({
-        "base_model": str(tiny_model_dir),
-        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"},
-        "data": {"train": str(data_file), "test_size": 8},
-        "training": settings,
-        "evaluation": {"accuracy_after": False},
-        "output_dir": str(out),
-    })
+    return build_job_config(
+        {
+            "base_model": str(tiny_model_dir),
+            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"},
+            "data": {"train": str(data_file), "test_size": 8},
+            "training": settings,
+            "evaluation": {"accuracy_after": False},
+            "output_dir": str(out),
+        }
+    )
 
 
 def adapter_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -72,8 +92,13 @@ def test_training_reduces_loss_and_writes_outputs(tiny_model_dir, data_file, tmp
     losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
-    for name in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png",
-                 "train_config.yaml", "eval_results.json"]:
+    for name in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "loss.png",
+        "train_config.yaml",
+        "eval_results.json",
+    ]:
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
@@ -147,7 +172,9 @@ def test_killed_process_resumes_to_the_same_adapter(tiny_model_dir, data_file, t
     subprocess.run([*cmd, str(write_config(tmp_path / "straight"))], check=True, env=env, capture_output=True)
 
     config = write_config(tmp_path / "killed")
-    proc = subprocess.Popen([*cmd, str(config)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*cmd, str(config)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not list_checkpoints(tmp_path / "killed") and time.time() < deadline:
         time.sleep(0.05)

@@ -40,7 +40,9 @@ def closest(name: str, candidates: typing.Iterable[str], n: int = 3) -> list[str
 def unknown_key_message(key: str, where: str, valid: typing.Iterable[str]) -> str:
     valid = sorted(valid)
     near = closest(key, valid)
-    hint = f"did you mean {' or '.join(repr(k) for k in near)}?" if near else f"valid keys: {', '.join(valid)}"
+    hint = (
+        f"did you mean {' or '.join(repr(k) for k in near)}?" if near else f"valid keys: {', '.join(valid)}"
+    )
     return f"unknown key '{where}{key}': {hint}"
 
 

@@ -265,3 +265,14 @@ def _explain_load_error(name: object, model_dir: Path, err: Exception) -> str:
             ".save_pretrained(dir)"
         )
     return f"could not load the model or tokenizer from {model_dir}: {text}"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU if there is one (CUDA, then Apple MPS), else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

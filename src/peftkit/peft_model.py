@@ -313,8 +313,9 @@ TASK_MODEL_CLASSES: dict[TaskType, type[PeftModel]] = {TaskType.CAUSAL_LM: PeftM
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Inject the adapter described by ``peft_config`` into ``model`` (in place) and wrap it.
 
-    ``peft_config`` itself is not modified; the model's copy records the base model's name.
+    ``peft_config`` itself is not modified; the model's copy records the base model's name
+    (a ``base_model_name_or_path`` set in the config wins over the path the model was loaded from).
     """
     config = dataclasses.replace(peft_config)
-    config.base_model_name_or_path = _model_name(model) or config.base_model_name_or_path
+    config.base_model_name_or_path = config.base_model_name_or_path or _model_name(model)
     return TASK_MODEL_CLASSES.get(config.task_type, PeftModel)(model, config, adapter_name)

@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from peftkit.configuration import ConfigError
 from peftkit.errors import ModelLoadError
 
@@ -95,6 +93,8 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
         from peftkit import PeftModel  # imported late: only adapter users pay for it
 
         model = PeftModel.from_pretrained(model, args.adapter)
+    from peftkit.models import resolve_device
+
     model.to(resolve_device(args.device))
     model.eval()
     return model, tokenizer
@@ -115,16 +115,6 @@ def adapter_base_model(adapter_dir: str | Path) -> str:
     if not base:
         raise ModelLoadError(f"{path} does not record base_model_name_or_path; pass --base-model explicitly")
     return str(base)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -16,9 +16,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, required=False)
     add_model_arguments(parser)
     parser.add_argument("--data", metavar="FILE", help="Evaluate on this file instead of the config's split.")
-    parser.add_argument("--split", choices=["test", "validation"], default="test", help="Config split (default: test).")
+    parser.add_argument(
+        "--split", choices=["test", "validation"], default="test", help="Config split (default: test)."
+    )
     parser.add_argument("--no-adapter", action="store_true", help="Evaluate the base model alone.")
-    parser.add_argument("--max-new-tokens", type=int, help="Tokens generated per prompt (default: the config's).")
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="Tokens generated per prompt (default: the config's)."
+    )
     parser.add_argument("--batch-size", type=int, help="Examples per batch (default: the config's).")
     parser.add_argument("--json", metavar="FILE", help="Also write the results as JSON to FILE.")
 
@@ -37,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     data_cfg = job.data
     split = args.split
     if args.data:
-        data_cfg = dataclasses.replace(data_cfg, train=None, validation=None, test=args.data, test_size=None, val_size=None)
+        data_cfg = dataclasses.replace(
+            data_cfg, train=None, validation=None, test=args.data, test_size=None, val_size=None
+        )
         split = "test"
     if args.no_adapter:
         args.adapter = None
@@ -59,13 +65,27 @@ def run(args: argparse.Namespace) -> int:
     what = f"{'base + adapter ' + args.adapter if args.adapter else 'base model'} on {len(examples)} {split} examples"
     print(f"Evaluating {what}")
     results: dict = {"split": split, "adapter": args.adapter, "n": len(examples)}
-    results.update(evaluate_loss(model, examples, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
-                                 autocast_dtype=autocast_dtype))
-    print(f"loss {results['loss']:.4f}  perplexity {results['perplexity']:.3f}  ({results['tokens']} label tokens)")
+    results.update(
+        evaluate_loss(
+            model,
+            examples,
+            batch_size=batch_size,
+            pad_token_id=tokenizer.pad_token_id,
+            autocast_dtype=autocast_dtype,
+        )
+    )
+    print(
+        f"loss {results['loss']:.4f}  perplexity {results['perplexity']:.3f}  ({results['tokens']} label tokens)"
+    )
     if any(e.answer is not None for e in examples):
         gen = evaluate_generation(
-            model, tokenizer, examples, max_new_tokens=args.max_new_tokens or job.evaluation.max_new_tokens,
-            batch_size=batch_size, match=job.evaluation.match, autocast_dtype=autocast_dtype,
+            model,
+            tokenizer,
+            examples,
+            max_new_tokens=args.max_new_tokens or job.evaluation.max_new_tokens,
+            batch_size=batch_size,
+            match=job.evaluation.match,
+            autocast_dtype=autocast_dtype,
         )
         results["accuracy"] = gen["accuracy"]
         results["accuracy_n"] = gen["n"]

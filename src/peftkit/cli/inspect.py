@@ -16,9 +16,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from peftkit.cli.train import add_config_arguments
 
     add_config_arguments(parser, required=False)
-    parser.add_argument("--base-model", metavar="NAME_OR_DIR", help="Model to inspect (default: the config's).")
+    parser.add_argument(
+        "--base-model", metavar="NAME_OR_DIR", help="Model to inspect (default: the config's)."
+    )
     parser.add_argument("--method", help="Method to inspect (default: the config's, else lora).")
-    parser.add_argument("--trust-remote-code", action="store_true", help="Allow the model repository's own code.")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="Allow the model repository's own code."
+    )
 
 
 def build_meta_model(name_or_path: str, *, trust_remote_code: bool):
@@ -69,15 +73,21 @@ def run(args: argparse.Namespace) -> int:
     job = build_job_config(raw, source=args.config)
     spec = get_method(job.method)
 
-    model = build_meta_model(job.base_model, trust_remote_code=job.trust_remote_code or args.trust_remote_code)
+    model = build_meta_model(
+        job.base_model, trust_remote_code=job.trust_remote_code or args.trust_remote_code
+    )
     total = sum(p.numel() for p in model.parameters())
     print(f"model: {job.base_model} ({type(model).__name__}, {total:,} parameters)")
     candidates = spec.targetable_modules(model)
-    print(f"modules that method '{job.method}' can target ({len(candidates)}), by name to use in target_modules:")
+    print(
+        f"modules that method '{job.method}' can target ({len(candidates)}), by name to use in target_modules:"
+    )
     print("\n".join(describe_targets(model, candidates)))
 
     peft_model = get_peft_model(model, job.method_config)
     trainable, all_params = peft_model.get_nb_trainable_parameters()
-    print(f"with this config: trainable params: {trainable:,} || all params: {all_params:,} "
-          f"|| trainable%: {100 * trainable / all_params:.4f}")
+    print(
+        f"with this config: trainable params: {trainable:,} || all params: {all_params:,} "
+        f"|| trainable%: {100 * trainable / all_params:.4f}"
+    )
     return 0

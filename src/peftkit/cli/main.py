@@ -19,7 +19,9 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftkit", description="Fine-tune transformer models with PEFT methods.")
+    parser = argparse.ArgumentParser(
+        prog="peftkit", description="Fine-tune transformer models with PEFT methods."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)

@@ -11,14 +11,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = Tr
     """The CONFIG positional and --set overrides, shared by the commands that read a job config."""
     parser.add_argument("config", nargs=None if required else "?", help="YAML job config (see examples/).")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="Override a config value, e.g. --set training.max_steps=50 --set lora.r=8 (repeatable).",
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint in output_dir.")
+    parser.add_argument(
+        "--resume", action="store_true", help="Continue from the newest checkpoint in output_dir."
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier run in output_dir.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
 

@@ -103,8 +103,8 @@ register_builtin(
         defaults={
             "format": "prompt_completion",
             # The instruction goes in the system prompt: it replaces the chat template's default
-            # system prompt instead of adding to it (84 -> 62 tokens per example with SmolLM2).
-            "system_prompt": "Label the tweet's sentiment: positive, negative or neutral.",
+            # system prompt instead of adding to it (84 -> 59 tokens per example with SmolLM2).
+            "system_prompt": "Sentiment: positive, negative or neutral?",
             "prompt_template": "{text}",
             "completion_template": "{sentiment}",
             # The file has a few mojibake bytes that are not valid UTF-8.

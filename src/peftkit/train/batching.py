@@ -55,7 +55,11 @@ class MicroBatchStream:
         epoch, index = self.position(micro_index)
         if epoch != self._epoch:
             self._batches = epoch_batches(
-                self.lengths, self.batch_size, seed=self.seed, epoch=epoch, group_by_length=self.group_by_length
+                self.lengths,
+                self.batch_size,
+                seed=self.seed,
+                epoch=epoch,
+                group_by_length=self.group_by_length,
             )
             self._epoch = epoch
         return [self.examples[i] for i in self._batches[index]]

@@ -52,7 +52,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -97,7 +101,9 @@ def save_checkpoint(
     tensors = {}
     for index, state in opt_state["state"].items():
         for name, value in state.items():
-            tensors[f"{index}.{name}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{index}.{name}"] = (
+                value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+            )
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state = TrainerState(
         step=step,

@@ -35,27 +35,39 @@ class TrainingConfig:
     max_steps: int | None = field(
         default=None, metadata={"help": "Optimizer steps to run; if unset, `epochs` decides."}
     )
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the training split (used when max_steps is unset)."})
+    epochs: float = field(
+        default=1.0, metadata={"help": "Passes over the training split (used when max_steps is unset)."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Examples per micro-batch."})
     gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Micro-batches per optimizer step; loss is normalised over all their label tokens."}
+        default=1,
+        metadata={
+            "help": "Micro-batches per optimizer step; loss is normalised over all their label tokens."
+        },
     )
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of AdamW."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay."})
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})
     adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     lr_scheduler: Literal["cosine", "linear", "constant"] = field(
-        default="cosine", metadata={"help": "Decay after warm-up: cosine or linear to `min_lr_ratio`, or constant."}
+        default="cosine",
+        metadata={"help": "Decay after warm-up: cosine or linear to `min_lr_ratio`, or constant."},
     )
-    warmup_steps: int | None = field(default=None, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."})
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Linear warm-up steps (overrides warmup_ratio)."}
+    )
     warmup_ratio: float = field(default=0.05, metadata={"help": "Warm-up as a fraction of all steps."})
-    min_lr_ratio: float = field(default=0.0, metadata={"help": "Final learning rate as a fraction of the peak."})
+    min_lr_ratio: float = field(
+        default=0.0, metadata={"help": "Final learning rate as a fraction of the peak."}
+    )
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "Clip the global gradient norm to this value (null: no clipping)."}
     )
     precision: Literal["auto", "bf16", "fp32"] = field(
         default="auto",
-        metadata={"help": "auto: bf16 autocast where the hardware supports it (CPU with AMX/AVX512-BF16, recent GPUs), else fp32."},
+        metadata={
+            "help": "auto: bf16 autocast where the hardware supports it (CPU with AMX/AVX512-BF16, recent GPUs), else fp32."
+        },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
     attention: Literal["auto", "eager", "sdpa"] = field(
@@ -67,17 +79,22 @@ class TrainingConfig:
     )
     seed: int = field(default=42, metadata={"help": "Seed for adapter init, data order and dropout."})
     group_by_length: bool = field(
-        default=True, metadata={"help": "Batch examples of similar length together (less padding), order still seeded."}
+        default=True,
+        metadata={"help": "Batch examples of similar length together (less padding), order still seeded."},
     )
     log_every: int = field(default=1, metadata={"help": "Write a metrics line every N steps."})
     eval_every: int | None = field(
-        default=None, metadata={"help": "Evaluate loss on the validation split every N steps (null: only at the end)."}
+        default=None,
+        metadata={"help": "Evaluate loss on the validation split every N steps (null: only at the end)."},
     )
     save_every: int | None = field(
-        default=None, metadata={"help": "Write a resumable checkpoint every N steps (null: no intermediate checkpoints)."}
+        default=None,
+        metadata={"help": "Write a resumable checkpoint every N steps (null: no intermediate checkpoints)."},
     )
     keep_checkpoints: int = field(default=2, metadata={"help": "How many recent checkpoints to keep."})
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (null: torch's default)."})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (null: torch's default)."}
+    )
 
     def validate(self) -> list[str]:
         problems = []
@@ -107,10 +124,12 @@ class EvaluationConfig:
     """What to measure on the held-out test split before and after training."""
 
     accuracy_before: bool = field(
-        default=False, metadata={"help": "Measure answer accuracy by generation on the test split before training."}
+        default=False,
+        metadata={"help": "Measure answer accuracy by generation on the test split before training."},
     )
     accuracy_after: bool = field(
-        default=True, metadata={"help": "Measure answer accuracy by generation on the test split after training."}
+        default=True,
+        metadata={"help": "Measure answer accuracy by generation on the test split after training."},
     )
     max_new_tokens: int = field(default=8, metadata={"help": "Tokens generated per test prompt."})
     match: Literal["first_word", "exact", "contains"] = field(
@@ -136,21 +155,36 @@ class TrainJobConfig:
         metadata={"help": "Built-in model name, local Hugging Face model directory, or hub id."},
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow a hub model to run its own Python code (off unless you trust it)."}
+        default=False,
+        metadata={"help": "Allow a hub model to run its own Python code (off unless you trust it)."},
     )
-    method: str = field(default="lora", metadata={"help": "Fine-tuning method; its options go in a section of the same name."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Where the data comes from and how it is formatted."})
-    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation settings."})
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Held-out evaluation."})
-    output_dir: str = field(default="runs/peftkit", metadata={"help": "Where checkpoints, metrics, plots and the adapter go."})
-    method_config: Any = field(default=None, metadata={"help": "The method's config object (built from its section)."})
+    method: str = field(
+        default="lora", metadata={"help": "Fine-tuning method; its options go in a section of the same name."}
+    )
+    data: DataConfig = field(
+        default_factory=DataConfig, metadata={"help": "Where the data comes from and how it is formatted."}
+    )
+    training: TrainingConfig = field(
+        default_factory=TrainingConfig, metadata={"help": "Optimisation settings."}
+    )
+    evaluation: EvaluationConfig = field(
+        default_factory=EvaluationConfig, metadata={"help": "Held-out evaluation."}
+    )
+    output_dir: str = field(
+        default="runs/peftkit", metadata={"help": "Where checkpoints, metrics, plots and the adapter go."}
+    )
+    method_config: Any = field(
+        default=None, metadata={"help": "The method's config object (built from its section)."}
+    )
 
     def to_yaml_dict(self) -> dict[str, Any]:
         data = to_dict(dataclasses.replace(self, method_config=None))
         data.pop("method_config")
         if self.method_config is not None:
             settable = {f.name for f in dataclasses.fields(self.method_config) if f.init}
-            data[self.method] = {k: _yaml_safe(v) for k, v in to_dict(self.method_config).items() if k in settable}
+            data[self.method] = {
+                k: _yaml_safe(v) for k, v in to_dict(self.method_config).items() if k in settable
+            }
         return data
 
 
@@ -197,7 +231,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of options at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path} must hold a mapping of options at the top level, got {type(data).__name__}"
+        )
     return data
 
 
@@ -221,7 +257,9 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
         if name in raw:
             section = raw.pop(name)
             if name != method:
-                problems.append(f"section '{name}' is given but 'method' is {method!r}: rename the section or set method: {name}")
+                problems.append(
+                    f"section '{name}' is given but 'method' is {method!r}: rename the section or set method: {name}"
+                )
             elif section is not None and not isinstance(section, dict):
                 problems.append(f"section '{name}' must be a mapping of {name} options")
             else:

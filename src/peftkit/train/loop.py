@@ -9,9 +9,11 @@ optimizer and scheduler steps, logging, evaluation and checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
+import re
 import shutil
 import sys
 import time
@@ -69,12 +71,6 @@ class TrainSession:
     results: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     from peftkit.models import bf16_supported
 
@@ -82,7 +78,9 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
         return None
     supported = bf16_supported(device)
     if precision == "bf16" and not supported:
-        raise PeftkitError(f"training.precision is bf16 but {device} does not support bfloat16: set precision: fp32")
+        raise PeftkitError(
+            f"training.precision is bf16 but {device} does not support bfloat16: set precision: fp32"
+        )
     return torch.bfloat16 if supported else None
 
 
@@ -128,9 +126,9 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> Pa
 
 
 def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False) -> TrainSession:
-    from peftkit import get_peft_model
+    from peftkit import TaskType, get_peft_model
     from peftkit.data import build_datasets
-    from peftkit.models import load_model_and_tokenizer
+    from peftkit.models import load_model_and_tokenizer, resolve_device
 
     t = job.training
     output_dir = Path(job.output_dir)
@@ -149,18 +147,26 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     say(data.summary())
     # With bf16 autocast the frozen weights are stored in bf16 from the start (see precision.py);
     # adapters are created in fp32 whatever the base dtype.
-    model.to(device, dtype=autocast_dtype) if autocast_dtype is not None else model.to(device)
+    model.to(device)
+    if autocast_dtype is not None:
+        model.to(autocast_dtype)
 
     previous = _read_results(output_dir) if checkpoint is not None else {}
     results: dict[str, Any] = {"before": previous.get("before")} if previous.get("before") else {}
     if job.evaluation.accuracy_before and not results.get("before") and data.test:
         say(f"Evaluating the base model on {len(data.test)} held-out examples ...")
-        results["before"] = evaluate_test_accuracy(job, model, tokenizer, data.test, device, autocast_dtype, "before")
+        results["before"] = evaluate_test_accuracy(
+            job, model, tokenizer, data.test, device, autocast_dtype, "before"
+        )
 
     torch.manual_seed(t.seed)  # adapter init does not depend on what evaluation consumed
-    method_config = job.method_config
-    if getattr(method_config, "base_model_name_or_path", None) is None and hasattr(method_config, "base_model_name_or_path"):
-        method_config.base_model_name_or_path = job.base_model
+    # The adapter records the name the job used (a built-in alias stays portable, unlike its
+    # cache path), and what it was trained for, so AutoPeftModel-style loaders can rebuild it.
+    method_config = dataclasses.replace(
+        job.method_config,
+        base_model_name_or_path=job.method_config.base_model_name_or_path or job.base_model,
+        task_type=job.method_config.task_type or TaskType.CAUSAL_LM,
+    )
     model = get_peft_model(model, method_config)
     if autocast_dtype is not None:
         split_precision(model, autocast_dtype)
@@ -178,7 +184,17 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     scheduler = build_scheduler(optimizer, t, total_steps)
 
     session = TrainSession(
-        job, output_dir, device, autocast_dtype, model, tokenizer, data, optimizer, scheduler, stream, total_steps,
+        job,
+        output_dir,
+        device,
+        autocast_dtype,
+        model,
+        tokenizer,
+        data,
+        optimizer,
+        scheduler,
+        stream,
+        total_steps,
         results=results,
     )
     if checkpoint is not None:
@@ -190,9 +206,11 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     return session
 
 
-def train(session: TrainSession, *, stop_after_step: int | None = None, progress: bool = True) -> dict[str, Any]:
+def train(
+    session: TrainSession, *, stop_after_step: int | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Run the optimisation; ``stop_after_step`` simulates an interruption (for tests)."""
-    job, t = session.job, session.job.training
+    t = session.job.training
     model, optimizer, scheduler = session.model, session.optimizer, session.scheduler
     pad_id = session.tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
@@ -200,8 +218,13 @@ def train(session: TrainSession, *, stop_after_step: int | None = None, progress
     accum = t.gradient_accumulation_steps
 
     bar = tqdm(
-        total=session.total_steps, initial=session.start_step, disable=not progress, desc="train", unit="step",
-        dynamic_ncols=True, file=sys.stderr,
+        total=session.total_steps,
+        initial=session.start_step,
+        disable=not progress,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
     )
     model.train()
     for step in range(session.start_step + 1, session.total_steps + 1):
@@ -231,22 +254,45 @@ def train(session: TrainSession, *, stop_after_step: int | None = None, progress
         session.tokens_seen += step_tokens
         loss = step_loss / step_label_tokens
         if not math.isfinite(loss):
-            raise PeftkitError(f"loss became {loss} at step {step}: lower training.learning_rate or check the data")
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / elapsed:.0f}", refresh=False)
+            raise PeftkitError(
+                f"loss became {loss} at step {step}: lower training.learning_rate or check the data"
+            )
+        bar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / elapsed:.0f}", refresh=False
+        )
         bar.update(1)
         if step % t.log_every == 0 or step == session.total_steps:
             epoch, _ = session.stream.position(step * accum - 1)
-            record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens_per_s": step_tokens / elapsed,
-                      "tokens_seen": session.tokens_seen, "step_time_s": elapsed}
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "lr": lr,
+                "tokens_per_s": step_tokens / elapsed,
+                "tokens_seen": session.tokens_seen,
+                "step_time_s": elapsed,
+            }
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             metrics.log(record)
-        if t.eval_every and step % t.eval_every == 0 and step != session.total_steps and session.data.validation:
+        if (
+            t.eval_every
+            and step % t.eval_every == 0
+            and step != session.total_steps
+            and session.data.validation
+        ):
             metrics.log({"step": step, **validation_loss(session)})
             model.train()
         if t.save_every and step % t.save_every == 0 and step != session.total_steps:
-            save_checkpoint(session.output_dir, step=step, tokens_seen=session.tokens_seen, model=model,
-                            optimizer=optimizer, scheduler=scheduler, keep=t.keep_checkpoints)
+            save_checkpoint(
+                session.output_dir,
+                step=step,
+                tokens_seen=session.tokens_seen,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                keep=t.keep_checkpoints,
+            )
             metrics.plot(force=False)
         if stop_after_step is not None and step >= stop_after_step:
             bar.close()
@@ -271,7 +317,13 @@ def finish(session: TrainSession, metrics: MetricsLog) -> dict[str, Any]:
     if job.evaluation.accuracy_after and session.data.test:
         say(f"Evaluating the fine-tuned model on {len(session.data.test)} held-out examples ...")
         results["after"] = evaluate_test_accuracy(
-            job, session.model, session.tokenizer, session.data.test, session.device, session.autocast_dtype, "after"
+            job,
+            session.model,
+            session.tokenizer,
+            session.data.test,
+            session.device,
+            session.autocast_dtype,
+            "after",
         )
     write_json(session.output_dir / RESULTS_FILE, results)
     plot = metrics.plot()
@@ -283,18 +335,28 @@ def validation_loss(session: TrainSession) -> dict[str, float]:
     from peftkit.evaluation import evaluate_loss
 
     out = evaluate_loss(
-        session.model, session.data.validation, batch_size=session.job.evaluation.batch_size,
-        pad_token_id=session.tokenizer.pad_token_id, autocast_dtype=session.autocast_dtype,
+        session.model,
+        session.data.validation,
+        batch_size=session.job.evaluation.batch_size,
+        pad_token_id=session.tokenizer.pad_token_id,
+        autocast_dtype=session.autocast_dtype,
     )
     return {"val_loss": out["loss"], "val_perplexity": out["perplexity"]}
 
 
-def evaluate_test_accuracy(job, model, tokenizer, examples, device, autocast_dtype, label: str) -> dict[str, Any]:
+def evaluate_test_accuracy(
+    job, model, tokenizer, examples, device, autocast_dtype, label: str
+) -> dict[str, Any]:
     from peftkit.evaluation import evaluate_generation
 
     e = job.evaluation
     out = evaluate_generation(
-        model, tokenizer, examples, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, match=e.match,
+        model,
+        tokenizer,
+        examples,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        match=e.match,
         autocast_dtype=autocast_dtype,
     )
     say(f"Held-out accuracy {label} fine-tuning: {out['accuracy']:.3f} ({out['n']} examples)")
@@ -321,9 +383,14 @@ def report(results: dict[str, Any], plot: Path | None) -> None:
     print("\n".join(lines), flush=True)
 
 
+_SPECIAL_TOKEN = re.compile(r"<\|[^|<>]{1,40}\|>|<s>|</s>")
+
+
 def _format_sample(sample: dict[str, Any]) -> str:
-    prompt = str(sample["prompt"]).replace("\n", " ")[-80:]
-    return f"...{prompt} -> {sample['prediction']!r} (expected {sample['answer']!r})"
+    """The end of the prompt's text (chat-template markers removed), the prediction and the answer."""
+    text = " ".join(_SPECIAL_TOKEN.sub(" ", str(sample["prompt"])).split())
+    text = text.removesuffix("assistant").rstrip()
+    return f"...{text[-70:]!r} -> {sample['prediction']!r} (expected {sample['answer']!r})"
 
 
 def _read_results(output_dir: Path) -> dict[str, Any]:
@@ -331,8 +398,14 @@ def _read_results(output_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_training(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-                 stop_after_step: int | None = None) -> dict[str, Any]:
+def run_training(
+    job: TrainJobConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after_step: int | None = None,
+) -> dict[str, Any]:
     session = setup(job, resume=resume, overwrite=overwrite)
     if session.results.get("before") and not (session.output_dir / RESULTS_FILE).exists():
         write_json(session.output_dir / RESULTS_FILE, session.results)

@@ -65,7 +65,10 @@ class MetricsLog:
             ax.plot(steps, losses, lw=1, alpha=0.5, label="train loss")
             window = max(1, len(losses) // 20)
             if window > 1:
-                smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+                smooth = [
+                    sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                    for i in range(len(losses))
+                ]
                 ax.plot(steps, smooth, lw=2, label=f"train loss (mean of {window})")
         if val:
             steps, losses = zip(*val)

@@ -24,10 +24,14 @@ def warmup_steps(training, total: int) -> int:
     return int(training.warmup_ratio * total)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, training, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, training, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = warmup_steps(training, total)
 
     def factor(step: int) -> float:
-        return lr_multiplier(step, total=total, warmup=warmup, kind=training.lr_scheduler, min_ratio=training.min_lr_ratio)
+        return lr_multiplier(
+            step, total=total, warmup=warmup, kind=training.lr_scheduler, min_ratio=training.min_lr_ratio
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
