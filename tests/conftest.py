@@ -45,6 +45,15 @@ def make_tiny_tokenizer():
     return tok
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread: thread start-up costs more than their matmuls."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tiny_tokenizer()

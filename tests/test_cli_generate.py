@@ -13,6 +13,8 @@ from peftkit.cli import main as cli_main
 from peftkit.cli._model_args import encode_chat, encode_plain
 from peftkit.evaluation import generate_completions
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer):

@@ -9,6 +9,8 @@ import yaml
 
 from peftkit.cli.main import main
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def run_cli(args, capsys) -> tuple[int, str]:
     code = main(args)

@@ -18,6 +18,8 @@ from peftkit.evaluation import (
     generate_completions,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TEXTS = [
     ("Translate to French: hello world.", " bonjour le monde."),
     ("Sentiment?", " positive"),

@@ -19,6 +19,8 @@ from peftkit.train.checkpoint import list_checkpoints
 from peftkit.train.config import build_job_config
 from peftkit.train.loop import run_training
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 ROWS = [
     {"prompt": f"word {w} is", "completion": label}
     for w, label in [
@@ -162,7 +164,7 @@ def test_killed_process_resumes_to_the_same_adapter(tiny_model_dir, data_file, t
     import yaml
 
     def write_config(out: Path) -> Path:
-        raw = job(tiny_model_dir, data_file, out, max_steps=60, save_every=5).to_yaml_dict()
+        raw = job(tiny_model_dir, data_file, out, max_steps=60, save_every=5, num_threads=1).to_yaml_dict()
         path = out.with_suffix(".yaml")
         path.write_text(yaml.safe_dump(raw))
         return path
