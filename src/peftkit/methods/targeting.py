@@ -148,7 +148,10 @@ def _all_linear(model: nn.Module, config: TargetingConfig) -> list[str]:
 def _condense(targets: list[str], model: nn.Module) -> list[str]:
     """Shortest name suffixes that match exactly ``targets`` and no other module (PEFT's optimisation)."""
     target_set = set(targets)
-    others = [name for name, _ in model.named_modules() if name and name not in target_set]
+    all_names = {name for name, _ in model.named_modules() if name}
+    if not target_set <= all_names:
+        return targets  # a user's list of suffixes: nothing to condense (and no full name to start from)
+    others = [name for name in all_names if name not in target_set]
 
     def suffixes(name: str) -> list[str]:
         parts = name.split(".")
