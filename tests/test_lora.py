@@ -586,3 +586,12 @@ def test_bad_requests_leave_the_model_untouched():
     for name in ("a.b", "", "default"):
         with pytest.raises(ValueError, match="adapter name|already exists"):
             model.add_adapter(name, lora(target_modules=["v_proj"]))
+
+
+def test_twenty_or_more_suffix_targets_are_accepted(tiny_llama):
+    """A long list of name suffixes (not full module names) must not be "condensed" into nothing."""
+    suffixes = [*LLAMA_LINEARS, *(f"layers.{i}.self_attn.q_proj" for i in range(2))]
+    suffixes += [f"unused_{i}" for i in range(20 - len(suffixes))]
+    model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=suffixes))
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoraLinear)]
+    assert len(wrapped) == 2 * len(LLAMA_LINEARS)

@@ -9,6 +9,12 @@ __version__ = "0.1.0"
 
 # Public names that need torch, imported on first use so that ``import peftkit`` stays fast.
 _LAZY_EXPORTS = {
+    "BitFitConfig": "peftkit.methods.selective",
+    "FullFinetuneConfig": "peftkit.methods.selective",
+    "PartialFinetuneConfig": "peftkit.methods.selective",
+    "LoHaConfig": "peftkit.methods.loha",
+    "LoKrConfig": "peftkit.methods.lokr",
+    "IA3Config": "peftkit.methods.ia3",
     "LoraConfig": "peftkit.methods.lora",
     "PeftConfig": "peftkit.methods.base",
     "TaskType": "peftkit.methods.base",
@@ -20,6 +26,12 @@ _LAZY_EXPORTS = {
 }
 
 __all__ = [
+    "LoHaConfig",
+    "LoKrConfig",
+    "BitFitConfig",
+    "FullFinetuneConfig",
+    "PartialFinetuneConfig",
+    "IA3Config",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",
@@ -33,7 +45,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from peftkit.methods.base import PeftConfig, TaskType
+    from peftkit.methods.ia3 import IA3Config
+    from peftkit.methods.loha import LoHaConfig
+    from peftkit.methods.lokr import LoKrConfig
     from peftkit.methods.lora import LoraConfig
+    from peftkit.methods.selective import BitFitConfig, FullFinetuneConfig, PartialFinetuneConfig
     from peftkit.peft_model import PeftModel, PeftModelForCausalLM, get_peft_model
     from peftkit.serialization import get_peft_model_state_dict, set_peft_model_state_dict
 
