@@ -199,7 +199,8 @@ def test_targetable_modules_for_inspect():
     spec = get_method("lora")
     names = spec.targetable_modules(make_tiny_llama())
     assert "model.layers.0.self_attn.q_proj" in names and "lm_head" in names
-    assert len(names) == 2 * len(LLAMA_LINEARS) + 1
+    assert "model.embed_tokens" in names  # embeddings take LoRA too
+    assert len(names) == 2 * len(LLAMA_LINEARS) + 2
 
 
 # -- trainable parameters -----------------------------------------------------------------------
@@ -302,7 +303,7 @@ def test_print_trainable_parameters(capsys):
             dict(target_modules=["q_proj"], layers_pattern="layers"),
             "layers_pattern is set but layers_to_transform",
         ),
-        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' is not supported"),
+        (dict(init_lora_weights="corda"), "init_lora_weights='corda' is not supported"),
         (dict(task_type="CAUSAL"), "task_type must be one of"),
     ],
 )
@@ -335,11 +336,11 @@ def test_config_reads_peft_json_and_refuses_missing_features(tmp_path):
     config = PeftConfig.from_pretrained(data)
     assert isinstance(config, LoraConfig) and config.r == 8
     (tmp_path / "adapter_config.json").write_text(
-        json.dumps({**data, "use_dora": True, "megatron_config": {"x": 1}})
+        json.dumps({**data, "use_qalora": True, "megatron_config": {"x": 1}})
     )
     with pytest.raises(ConfigError) as err:
         PeftConfig.from_pretrained(tmp_path)
-    assert "'use_dora' = True" in str(err.value) and "'megatron_config'" in str(err.value)
+    assert "'use_qalora' = True" in str(err.value) and "'megatron_config'" in str(err.value)
     # a key that only matters when its feature is on is accepted while the feature is off
     assert PeftConfig.from_pretrained({**data, "qalora_group_size": 64}).r == 8
     with pytest.raises(ConfigError, match="new_thing"):

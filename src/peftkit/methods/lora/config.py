@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from peftkit.methods.base import TargetingConfig
+
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def is_weight_moving_init(init_lora_weights: bool | str) -> bool:
+    """True for the inits that change the base weight ("pissa", "pissa_niter_N", "olora"; see init.py)."""
+    return isinstance(init_lora_weights, str) and (
+        init_lora_weights in ("pissa", "olora") or PISSA_NITER.fullmatch(init_lora_weights) is not None
+    )
 
 
 @dataclass(kw_only=True)
@@ -49,7 +59,16 @@ class LoraConfig(TargetingConfig):
         default=True,
         metadata={
             "help": "true: A kaiming-uniform, B zero, so training starts from the base model (PEFT default); "
-            "'gaussian': A normal with std 1/r, B zero; false: A and B both random (for tests only)."
+            "'gaussian': A normal with std 1/r, B zero; 'pissa' / 'pissa_niter_N' (fast SVD, N iterations): "
+            "A, B from the top-r SVD of the base weight; 'olora': from its QR decomposition; false: A and B both "
+            "random (for tests only). pissa and olora subtract B @ A from the base weight: save that model too."
+        },
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "DoRA: also train a per-output magnitude vector, rescaling each row of W + BA to it "
+            "(linear layers only in peftkit; slower than plain LoRA)."
         },
     )
     rank_pattern: dict[str, int] = field(
@@ -81,7 +100,6 @@ class LoraConfig(TargetingConfig):
         "target_parameters": None,
         "trainable_token_indices": None,
         "use_bdlora": None,
-        "use_dora": False,
         "use_qalora": False,
         "velora_config": None,
     }
@@ -98,11 +116,14 @@ class LoraConfig(TargetingConfig):
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             problems.append(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or init == "gaussian" or is_weight_moving_init(init)):
             problems.append(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported by peftkit; use true (default), "
-                "'gaussian' or false"
+                f"init_lora_weights={init!r} is not supported by peftkit; use true (default), 'gaussian', "
+                "'pissa', 'pissa_niter_<iterations>', 'olora' or false"
             )
+        if not isinstance(self.use_dora, bool):
+            problems.append(f"use_dora must be true or false, got {self.use_dora!r}")
         for pattern, rank in self.rank_pattern.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 problems.append(f"rank_pattern[{pattern!r}] must be a positive integer rank, got {rank!r}")

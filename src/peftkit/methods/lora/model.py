@@ -9,6 +9,8 @@ from typing import ClassVar
 from torch import nn
 
 from peftkit.methods.lora.config import LoraConfig
+from peftkit.methods.lora.conv import CONV_TYPES, LoraConv
+from peftkit.methods.lora.embedding import LoraEmbedding
 from peftkit.methods.lora.layer import LoraLinear
 from peftkit.methods.targeting import is_linear_like
 from peftkit.methods.tuner import InjectedAdapterModel
@@ -34,6 +36,7 @@ LORA_DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "t5": ["q", "v"],
+    "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
 }
 
@@ -46,8 +49,20 @@ def pattern_value(patterns: dict[str, float], name: str, default: float) -> floa
     return default
 
 
+LORA_LAYER_TYPES = (LoraLinear, LoraEmbedding, LoraConv)
+
+
+def _new_layer(target: nn.Module) -> nn.Module:
+    """The LoRA layer type for a plain module (``is_supported`` has accepted it)."""
+    if isinstance(target, nn.Embedding):
+        return LoraEmbedding(target)
+    if isinstance(target, CONV_TYPES):
+        return LoraConv(target)
+    return LoraLinear(target)
+
+
 class LoraModel(InjectedAdapterModel):
-    """Injects :class:`LoraLinear` layers into ``nn.Linear`` / ``Conv1D`` targets."""
+    """Injects LoRA layers into ``nn.Linear`` / ``Conv1D``, ``nn.Embedding`` and ``nn.Conv1d/2d`` targets."""
 
     method_name: ClassVar[str] = "LoRA"
     default_target_modules: ClassVar[dict[str, list[str]]] = LORA_DEFAULT_TARGET_MODULES
@@ -55,13 +70,17 @@ class LoraModel(InjectedAdapterModel):
 
     @classmethod
     def is_supported(cls, module: nn.Module) -> bool:
-        return isinstance(module, LoraLinear) or is_linear_like(module)
+        return (
+            isinstance(module, LORA_LAYER_TYPES)
+            or is_linear_like(module)
+            or isinstance(module, (nn.Embedding, *CONV_TYPES))
+        )
 
     def create_or_update(
         self, target: nn.Module, name: str, config: LoraConfig, adapter_name: str
     ) -> nn.Module:
-        layer = target if isinstance(target, LoraLinear) else LoraLinear(target)
-        if config.fan_in_fan_out != layer.fan_in_fan_out:
+        layer = target if isinstance(target, LORA_LAYER_TYPES) else _new_layer(target)
+        if isinstance(layer, LoraLinear) and config.fan_in_fan_out != layer.fan_in_fan_out:
             warnings.warn(
                 f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(layer.base_layer).__name__} layers; "
                 "peftkit uses the layer's own weight layout",
@@ -74,6 +93,7 @@ class LoraModel(InjectedAdapterModel):
             lora_dropout=config.lora_dropout,
             init_lora_weights=config.init_lora_weights,
             use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
         )
         return layer
 
@@ -87,6 +107,7 @@ class LoraModel(InjectedAdapterModel):
             return [
                 f"{name}.base_layer.bias"
                 for name, module in self.named_modules()
-                if isinstance(module, LoraLinear) and module.base_layer.bias is not None
+                if isinstance(module, LORA_LAYER_TYPES)
+                and getattr(module.base_layer, "bias", None) is not None
             ]
         return []

@@ -1,0 +1,133 @@
+"""The LoRA layer for ``nn.Conv1d`` / ``nn.Conv2d`` (PEFT's conv LoRA).
+
+    x ──► base conv (frozen) ──────────────────────────────────────────────┐
+    │                                                                      + ──► y
+    └─► dropout ─► lora_A: conv in→r (base kernel, stride, padding) ─►
+                   lora_B: conv r→out (kernel 1) ─► × scaling ─────────────┘
+
+As in PEFT, ``lora_A`` copies the base layer's kernel size, stride and padding but not its
+dilation or padding mode; grouped convolutions are not supported here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from peftkit.methods.lora.layer import adapter_dtype
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+
+
+class LoraConv(nn.Module):
+    """A frozen ``Conv1d`` / ``Conv2d`` plus low-rank updates (an ``AdapterModule``)."""
+
+    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d):
+        super().__init__()
+        if base_layer.groups > 1:
+            raise ValueError(
+                f"LoRA on a {type(base_layer).__name__} with groups={base_layer.groups} is not supported by "
+                "peftkit; leave this layer out of target_modules"
+            )
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        *,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        init_lora_weights: bool | str,
+        use_rslora: bool,
+        use_dora: bool = False,
+    ) -> None:
+        """Add (or replace) the adapter ``adapter_name`` with rank ``r``."""
+        kind = type(self.base_layer).__name__
+        if use_dora:
+            raise ValueError(
+                f"use_dora=True is not supported by peftkit for {kind} targets; "
+                "exclude the conv layers from target_modules or set use_dora=False"
+            )
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"init_lora_weights={init_lora_weights!r} does not work on {kind} layers (PEFT refuses it too); "
+                "use true, 'gaussian' or false"
+            )
+        base = self.base_layer
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
+        ones = (1,) * (base.weight.dim() - 2)
+        conv = type(base)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A[adapter_name] = conv(
+            self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **factory
+        )
+        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, bias=False, **factory)
+        if init_lora_weights is not False:
+            lora_a = self.lora_A[adapter_name].weight
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(lora_a, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        adapter = self.active_adapter
+        if adapter is None or adapter not in self.lora_A:
+            return result
+        lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
+        x = x.to(lora_A.weight.dtype)
+        update = lora_B(lora_A(self.lora_dropout[adapter](x))) * self.scaling[adapter]
+        return (result + update).to(result.dtype)
+
+    def adapter_params(self, adapter_name: str) -> dict[str, str]:
+        if adapter_name not in self.lora_A:
+            return {}
+        return {f"{n}.weight": f"{n}.{adapter_name}.weight" for n in ("lora_A", "lora_B")}
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The update as a kernel like the base weight's: B's 1x1 kernel composed with A's, in fp32."""
+        weight_a = self.lora_A[adapter_name].weight.float()  # (r, in, *k)
+        weight_b = self.lora_B[adapter_name].weight.float()  # (out, r, *1)
+        conv_fn = F.conv1d if weight_a.dim() == 3 else F.conv2d
+        # conv of A^T (in, r, *k) with B (out, r, *1) -> (in, out, *k); transposed back to (out, in, *k)
+        return conv_fn(weight_a.transpose(0, 1), weight_b).transpose(0, 1) * self.scaling[adapter_name]
+
+    def unwrap(self, merge: bool) -> nn.Module:
+        adapter = self.active_adapter
+        if merge and adapter is not None and adapter in self.lora_A:
+            delta = self.delta_weight(adapter)
+            if not torch.isfinite(delta).all():
+                raise ValueError(
+                    f"adapter {adapter!r} has NaN or inf weights; refusing to merge them into the model"
+                )
+            with torch.no_grad():
+                self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{name}: r={r}" for name, r in self.r.items())
+        return f"in_channels={self.in_features}, out_channels={self.out_features}, adapters=({ranks})"
