@@ -14,6 +14,7 @@ _LAZY_EXPORTS = {
     "PartialFinetuneConfig": "peftkit.methods.selective",
     "LoHaConfig": "peftkit.methods.loha",
     "LoKrConfig": "peftkit.methods.lokr",
+    "OFTConfig": "peftkit.methods.oft",
     "IA3Config": "peftkit.methods.ia3",
     "LoraConfig": "peftkit.methods.lora",
     "PeftConfig": "peftkit.methods.base",
@@ -28,6 +29,7 @@ _LAZY_EXPORTS = {
 __all__ = [
     "LoHaConfig",
     "LoKrConfig",
+    "OFTConfig",
     "BitFitConfig",
     "FullFinetuneConfig",
     "PartialFinetuneConfig",
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from peftkit.methods.loha import LoHaConfig
     from peftkit.methods.lokr import LoKrConfig
     from peftkit.methods.lora import LoraConfig
+    from peftkit.methods.oft import OFTConfig
     from peftkit.methods.selective import BitFitConfig, FullFinetuneConfig, PartialFinetuneConfig
     from peftkit.peft_model import PeftModel, PeftModelForCausalLM, get_peft_model
     from peftkit.serialization import get_peft_model_state_dict, set_peft_model_state_dict
