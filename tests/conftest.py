@@ -86,3 +86,58 @@ def make_tiny_llama(vocab_size: int = 400, seed: int = 0, **overrides):
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved as a model directory, for `peftkit train` runs.
+
+    ``initializer_range=0.2`` makes logits sensitive enough to hidden-state changes that an
+    adapter can lower the loss within a few steps (at 0.02 they are nearly uniform).
+    """
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        initializer_range=0.2,
+    )
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+TINY_ROWS = [
+    {"prompt": f"word {w} is", "completion": c} for w, c in [("good", "positive"), ("bad", "negative")]
+] * 8
+
+
+def train_tiny(model_dir, out, method: str, section: dict, **training) -> list[float]:
+    """Run `run_training` for ``method`` on a toy prompt/completion task; return the step losses.
+
+    ``training`` overrides the defaults below (12 steps of 4 examples, fp32, seed 7).
+    """
+    import json
+
+    from peftkit.train.config import build_job_config
+    from peftkit.train.loop import run_training
+
+    data = out.parent / f"{out.name}-train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
+    settings = {"max_steps": 12, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32", "seed": 7}
+    settings.update(training)
+    job = build_job_config(
+        {
+            "base_model": str(model_dir),
+            "method": method,
+            method: section,
+            "data": {"train": str(data), "test_size": 4},
+            "training": settings,
+            "evaluation": {"accuracy_after": False},
+            "output_dir": str(out),
+        }
+    )
+    run_training(job, progress=False)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in metrics if "loss" in r]

@@ -42,13 +42,8 @@ def test_bad_override_value_is_reported(tmp_path, capsys):
     assert code == 2 and "'training.batch_size' must be an integer, got 'zero'" in err
 
 
-def test_malformed_data_row_names_file_and_line(tmp_path, capsys):
-    from conftest import make_tiny_llama, make_tiny_tokenizer
-
-    model_dir = tmp_path / "model"
-    tok = make_tiny_tokenizer()
-    make_tiny_llama(vocab_size=len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+def test_malformed_data_row_names_file_and_line(tiny_model_dir, tmp_path, capsys):
+    model_dir = tiny_model_dir
     data = tmp_path / "train.jsonl"
     rows = [json.dumps({"prompt": "a", "completion": "b"})] * 3 + ['{"prompt": "c", "completion": ']
     data.write_text("\n".join(rows) + "\n")
@@ -75,13 +70,8 @@ def test_malformed_data_row_names_file_and_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text", ["", "[]\n"])
-def test_empty_data_is_an_error(tmp_path, capsys, text):
-    from conftest import make_tiny_llama, make_tiny_tokenizer
-
-    model_dir = tmp_path / "model"
-    tok = make_tiny_tokenizer()
-    make_tiny_llama(vocab_size=len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+def test_empty_data_is_an_error(tiny_model_dir, tmp_path, capsys, text):
+    model_dir = tiny_model_dir
     data = tmp_path / ("train.jsonl" if not text else "train.json")
     data.write_text(text)
     path = tmp_path / "job.yaml"

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import peftkit
 from _tiny_models import make_tiny_bloom, make_tiny_gpt2
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, train_tiny
 from peftkit import IA3Config, TaskType, get_peft_model
 from peftkit.configuration import ConfigError
 from peftkit.errors import TargetModulesError
@@ -289,50 +289,18 @@ def test_registered_and_exported():
     assert isinstance(peftkit.PeftConfig.from_dict({"peft_type": "IA3"}), IA3Config)
 
 
-def test_short_training_run_with_ia3(tmp_path):
-    from conftest import make_tiny_tokenizer
-    from peftkit.train.config import build_job_config
-    from peftkit.train.loop import run_training
-
-    tok = make_tiny_tokenizer()
-    model_dir = tmp_path / "model"
-    make_tiny_llama(
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.2,
-    ).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    rows = [
-        {"prompt": f"word {w} is", "completion": c} for w, c in [("good", "positive"), ("bad", "negative")]
-    ] * 8
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    job = build_job_config(
-        {
-            "base_model": str(model_dir),
-            "method": "ia3",
-            "ia3": {
-                "target_modules": "all-linear",
-                "feedforward_modules": ["down_proj", "up_proj", "gate_proj"],
-            },
-            "data": {"train": str(data), "test_size": 4},
-            "training": {
-                "max_steps": 20,
-                "batch_size": 4,
-                "learning_rate": 5e-2,
-                "precision": "fp32",
-                "seed": 7,
-                "warmup_steps": 1,
-                "group_by_length": False,
-            },
-            "evaluation": {"accuracy_after": False},
-            "output_dir": str(tmp_path / "out"),
-        }
+def test_short_training_run_with_ia3(tiny_model_dir, tmp_path):
+    section = {"target_modules": "all-linear", "feedforward_modules": ["down_proj", "up_proj", "gate_proj"]}
+    losses = train_tiny(
+        tiny_model_dir,
+        tmp_path / "out",
+        "ia3",
+        section,
+        max_steps=20,
+        learning_rate=5e-2,
+        warmup_steps=1,
+        group_by_length=False,
     )
-    run_training(job, progress=False)
-    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    losses = [m["loss"] for m in metrics if "loss" in m]
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
     saved = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
     assert saved and all(k.endswith(".ia3_l") for k in saved)

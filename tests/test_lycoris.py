@@ -17,10 +17,8 @@ from safetensors.torch import load_file
 
 import peftkit
 from _tiny_models import make_tiny_gpt2
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import make_tiny_llama, train_tiny
 from peftkit.errors import TargetModulesError
-from peftkit.train.config import build_job_config
-from peftkit.train.loop import run_training
 
 peft = pytest.importorskip("peft")
 
@@ -198,26 +196,6 @@ def test_lokr_config_checks_its_own_fields():
         peftkit.LoHaConfig(init_weights="lycoris")
 
 
-ROWS = [
-    {"prompt": f"word {w} is", "completion": c} for w, c in [("good", "positive"), ("bad", "negative")]
-] * 8
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tiny_tokenizer()
-    model = make_tiny_llama(
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.2,
-    )
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize(
     "method, section",
     [
@@ -226,29 +204,7 @@ def tiny_model_dir(tmp_path_factory):
     ],
 )
 def test_training_run_lowers_loss(method, section, tiny_model_dir, tmp_path):
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    job = build_job_config(
-        {
-            "base_model": str(tiny_model_dir),
-            "method": method,
-            method: section,
-            "data": {"train": str(data), "test_size": 4},
-            "training": {
-                "max_steps": 12,
-                "batch_size": 4,
-                "learning_rate": 1e-2,
-                "precision": "fp32",
-                "seed": 7,
-                "warmup_steps": 1,
-            },
-            "evaluation": {"accuracy_after": False},
-            "output_dir": str(tmp_path / "out"),
-        }
-    )
-    run_training(job, progress=False)
-    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in metrics if "loss" in r]
+    losses = train_tiny(tiny_model_dir, tmp_path / "out", method, section, warmup_steps=1)
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
     saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == method.upper()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from _tiny_models import make_tiny_bloom, make_tiny_gpt2
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from conftest import make_tiny_llama, train_tiny
 from peftkit import (
     BitFitConfig,
     FullFinetuneConfig,
@@ -22,8 +22,6 @@ from peftkit import (
 from peftkit.configuration import ConfigError, from_dict
 from peftkit.errors import PeftkitError, TargetModulesError
 from peftkit.methods.selective import find_blocks
-from peftkit.train.config import build_job_config
-from peftkit.train.loop import run_training
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -218,37 +216,8 @@ ROWS = [
     ("method", "section", "lr"),
     [("partial", {"train_top_n_layers": 1, "also_train": ["head"]}, 1e-2), ("full", {}, 1e-3)],
 )
-def test_run_training_reduces_loss(method, section, lr, tmp_path):
-    tok = make_tiny_tokenizer()
-    make_tiny_llama(
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.2,
-    ).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    job = build_job_config(
-        {
-            "base_model": str(tmp_path / "model"),
-            "method": method,
-            method: section,
-            "data": {"train": str(data), "test_size": 4},
-            "training": {
-                "max_steps": 12,
-                "batch_size": 4,
-                "learning_rate": lr,
-                "precision": "fp32",
-                "seed": 7,
-            },
-            "evaluation": {"accuracy_after": False},
-            "output_dir": str(tmp_path / "out"),
-        }
-    )
-    run_training(job, progress=False)
-    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in metrics if "loss" in r]
+def test_run_training_reduces_loss(method, section, lr, tiny_model_dir, tmp_path):
+    losses = train_tiny(tiny_model_dir, tmp_path / "out", method, section, learning_rate=lr)
     assert sum(losses[-3:]) < 0.7 * sum(losses[:3])
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == method.upper()

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
 from peftkit.train.checkpoint import list_checkpoints
 from peftkit.train.config import build_job_config
 from peftkit.train.loop import run_training
@@ -34,21 +33,6 @@ ROWS = [
         ("poor", "negative"),
     ]
 ] * 6
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tiny_tokenizer()
-    model = make_tiny_llama(
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.2,
-    )
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
