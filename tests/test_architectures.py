@@ -279,3 +279,14 @@ def test_default_targets_match_peft(method, arch):
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(BUILDERS[arch]().model, getattr(peft, PEFT_CONFIGS[method])(**kwargs))
     assert trainable_names(ours) == trainable_names(theirs)
+
+
+@pytest.mark.parametrize("method", ADAPTERS)
+def test_merge_refuses_nan_weights(method):
+    """Folding a diverged adapter into the base weights is refused with an error that says why."""
+    model, _ = wrap(method, "llama")
+    trainable = [p for p in model.parameters() if p.requires_grad and p.dim() > 0]
+    with torch.no_grad():
+        trainable[0].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.merge_and_unload()

@@ -30,6 +30,7 @@ from torch import nn
 from peftkit.methods.base import TargetingConfig
 from peftkit.methods.lora.layer import adapter_dtype
 from peftkit.methods.lora.model import LORA_DEFAULT_TARGET_MODULES, pattern_value
+from peftkit.methods.merging import add_to_weight
 from peftkit.methods.tuner import InjectedAdapterModel
 
 
@@ -202,12 +203,7 @@ class LycorisLinear(nn.Module):
         if merge and adapter is not None and adapter in self.r:
             with torch.no_grad():
                 delta = self.delta_weight(adapter)
-            if not torch.isfinite(delta).all():
-                raise ValueError(
-                    f"adapter {adapter!r} has NaN or inf weights; refusing to merge them into the model"
-                )
-            with torch.no_grad():
-                self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
+            add_to_weight(self.base_layer.weight, delta, adapter)
         return self.base_layer
 
     def extra_repr(self) -> str:

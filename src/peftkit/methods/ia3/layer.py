@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from peftkit.methods.lora.layer import adapter_dtype
+from peftkit.methods.merging import require_finite
 from peftkit.methods.targeting import is_conv1d
 
 
@@ -73,11 +74,7 @@ class IA3Linear(nn.Module):
     def unwrap(self, merge: bool) -> nn.Module:
         adapter = self.active_adapter
         if merge and adapter is not None and adapter in self.ia3_l:
-            scale = self.weight_scale(adapter)
-            if not torch.isfinite(scale).all():
-                raise ValueError(
-                    f"adapter {adapter!r} has NaN or inf weights; refusing to merge them into the model"
-                )
+            scale = require_finite(self.weight_scale(adapter), adapter)
             base = self.base_layer
             with torch.no_grad():
                 base.weight.copy_(base.weight.float() * scale)

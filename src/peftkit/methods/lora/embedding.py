@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.methods.lora.layer import adapter_dtype
+from peftkit.methods.merging import add_to_weight
 
 
 class LoraEmbedding(nn.Module):
@@ -101,13 +102,7 @@ class LoraEmbedding(nn.Module):
     def unwrap(self, merge: bool) -> nn.Module:
         adapter = self.active_adapter
         if merge and adapter is not None and adapter in self.lora_embedding_A:
-            delta = self.delta_weight(adapter)
-            if not torch.isfinite(delta).all():
-                raise ValueError(
-                    f"adapter {adapter!r} has NaN or inf weights; refusing to merge them into the model"
-                )
-            with torch.no_grad():
-                self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
+            add_to_weight(self.base_layer.weight, self.delta_weight(adapter), adapter)
         return self.base_layer
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 
 from peftkit.methods.lora.dora import DoraMagnitude, dora_delta, weight_norm
 from peftkit.methods.lora.init import is_weight_moving_init, split_weight
+from peftkit.methods.merging import require_finite
 from peftkit.methods.targeting import is_conv1d
 
 ADAPTER_LAYER_NAMES = ("lora_A", "lora_B")
@@ -188,11 +189,9 @@ class LoraLinear(nn.Module):
             weight = self.base_layer.weight
             with torch.no_grad():
                 dora = adapter in self.lora_magnitude_vector
-                update = self.merged_weight(adapter) if dora else self.delta_weight(adapter)
-                if not torch.isfinite(update).all():
-                    raise ValueError(
-                        f"adapter {adapter!r} has NaN or inf weights; refusing to merge them into the model"
-                    )
+                update = require_finite(
+                    self.merged_weight(adapter) if dora else self.delta_weight(adapter), adapter
+                )
                 weight.copy_(update.to(weight.dtype)) if dora else weight.add_(update.to(weight.dtype))
         return self.base_layer
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from peftkit.methods.lora.layer import adapter_dtype
+from peftkit.methods.merging import require_finite
 from peftkit.methods.oft.config import OFTConfig
 
 
@@ -179,10 +180,7 @@ class OFTLinear(nn.Module):
             with torch.no_grad():
                 rotation = self.oft_R[adapter].matrix().float()  # (in, in)
                 merged = base.weight.float() @ rotation.T  # (out, in): W' = W Rᵀ
-            if not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"adapter {adapter!r} has NaN or inf weights; refusing to merge them into the model"
-                )
+            require_finite(merged, adapter)
             with torch.no_grad():
                 base.weight.copy_(merged.to(base.weight.dtype))
         return self.base_layer
