@@ -17,39 +17,27 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftkit.methods.lora.layer import adapter_dtype
+from peftkit.methods.lora.base import LoraLayerBase, adapter_dtype
 from peftkit.methods.merging import add_to_weight
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 
 
-class LoraConv(nn.Module):
+class LoraConv(LoraLayerBase):
     """A frozen ``Conv1d`` / ``Conv2d`` plus low-rank updates (an ``AdapterModule``)."""
 
+    feature_names = ("in_channels", "out_channels")
+
     def __init__(self, base_layer: nn.Conv1d | nn.Conv2d):
-        super().__init__()
         if base_layer.groups > 1:
             raise ValueError(
                 f"LoRA on a {type(base_layer).__name__} with groups={base_layer.groups} is not supported by "
                 "peftkit; leave this layer out of target_modules"
             )
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapter: str | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def update_layer(
         self,
@@ -78,9 +66,7 @@ class LoraConv(nn.Module):
         factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         ones = (1,) * (base.weight.dim() - 2)
         conv = type(base)
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.set_rank(adapter_name, r, lora_alpha, use_rslora)
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A[adapter_name] = conv(
             self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **factory
@@ -122,7 +108,3 @@ class LoraConv(nn.Module):
         if merge and adapter is not None and adapter in self.lora_A:
             add_to_weight(self.base_layer.weight, self.delta_weight(adapter), adapter)
         return self.base_layer
-
-    def extra_repr(self) -> str:
-        ranks = ", ".join(f"{name}: r={r}" for name, r in self.r.items())
-        return f"in_channels={self.in_features}, out_channels={self.out_features}, adapters=({ranks})"

@@ -10,33 +10,23 @@ A starts at zero and B normal (the reverse of linear LoRA), and no dropout is ap
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftkit.methods.lora.layer import adapter_dtype
+from peftkit.methods.lora.base import LoraLayerBase, adapter_dtype
 from peftkit.methods.merging import add_to_weight
 
 
-class LoraEmbedding(nn.Module):
+class LoraEmbedding(LoraLayerBase):
     """A frozen embedding plus low-rank updates (an ``AdapterModule``)."""
 
+    feature_names = ("num_embeddings", "embedding_dim")
+
     def __init__(self, base_layer: nn.Embedding):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapter: str | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     def update_layer(
         self,
@@ -55,11 +45,9 @@ class LoraEmbedding(nn.Module):
                 "use_dora=True is not supported by peftkit for nn.Embedding targets; "
                 "exclude the embedding from target_modules or set use_dora=False"
             )
+        self.set_rank(adapter_name, r, lora_alpha, use_rslora)
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         lora_a = torch.randn(r, self.in_features, **factory)  # (r, num)
         lora_b = torch.randn(self.out_features, r, **factory)  # (dim, r)
         if init_lora_weights is not False:  # every init PEFT accepts here means: A zero, B normal
@@ -104,7 +92,3 @@ class LoraEmbedding(nn.Module):
         if merge and adapter is not None and adapter in self.lora_embedding_A:
             add_to_weight(self.base_layer.weight, self.delta_weight(adapter), adapter)
         return self.base_layer
-
-    def extra_repr(self) -> str:
-        ranks = ", ".join(f"{name}: r={r}" for name, r in self.r.items())
-        return f"num_embeddings={self.in_features}, embedding_dim={self.out_features}, adapters=({ranks})"

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from peftkit.methods.lora.base import LoraLayerBase, adapter_dtype
 from peftkit.methods.lora.dora import DoraMagnitude, dora_delta, weight_norm
 from peftkit.methods.lora.init import is_weight_moving_init, split_weight
 from peftkit.methods.merging import require_finite
@@ -30,38 +31,19 @@ from peftkit.methods.targeting import is_conv1d
 ADAPTER_LAYER_NAMES = ("lora_A", "lora_B")
 
 
-def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """Adapter weights stay fp32 on half-precision models (stable training), else follow the base."""
-    return base_dtype if base_dtype == torch.float64 else torch.float32
-
-
-class LoraLinear(nn.Module):
+class LoraLinear(LoraLayerBase):
     """A frozen linear layer plus low-rank updates (an ``AdapterModule``)."""
 
     def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
         # Conv1D stores its weight as (in, out): merging must transpose the update.
-        self.fan_in_fan_out = is_conv1d(base_layer)
+        fan_in_fan_out = is_conv1d(base_layer)
         rows, cols = base_layer.weight.shape
-        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        super().__init__(base_layer, *((rows, cols) if fan_in_fan_out else (cols, rows)))
+        self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.active_adapter: str | None = None
-
-    # Explicit delegation of what model code reads off a linear layer (dtype checks, tying).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def update_layer(
         self,
@@ -75,13 +57,9 @@ class LoraLinear(nn.Module):
         use_dora: bool = False,
     ) -> None:
         """Add (or replace) the adapter ``adapter_name`` with rank ``r``."""
-        if r <= 0:
-            raise ValueError(f"r must be a positive integer, got {r} for adapter {adapter_name!r}")
+        self.set_rank(adapter_name, r, lora_alpha, use_rslora)
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)  # (r, in)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **factory)  # (out, r)
@@ -195,9 +173,5 @@ class LoraLinear(nn.Module):
                 weight.copy_(update.to(weight.dtype)) if dora else weight.add_(update.to(weight.dtype))
         return self.base_layer
 
-    def extra_repr(self) -> str:
-        ranks = ", ".join(
-            f"{name}: r={r}" + (", dora" if name in self.lora_magnitude_vector else "")
-            for name, r in self.r.items()
-        )
-        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=({ranks})"
+    def adapter_note(self, adapter_name: str) -> str:
+        return ", dora" if adapter_name in self.lora_magnitude_vector else ""
