@@ -1,6 +1,7 @@
 """The shared matrix: every method × every architecture × every scenario, on tiny random models.
 
-    methods        lora, ia3, loha, lokr (adapters) and bitfit, partial, full (selective)
+    methods        lora, ia3, loha, lokr, oft (adapters), bottleneck (an adapter PEFT lacks)
+                   and bitfit, partial, full (selective)
     architectures  Llama, BLOOM (fused qkv), GPT-2 (Conv1D), T5 / mT5 (encoder-decoder),
                    BERT / RoBERTa (sequence classification), ViT (images), a user's own MLP
     scenarios      forward equals the base model at init; backward reaches exactly the trainable
@@ -42,7 +43,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 ADAPTERS = ("lora", "ia3", "loha", "lokr", "oft")  # inject layers; PEFT has them (the oracle for counts)
 SELECTIVE = ("bitfit", "partial", "full")  # train the model's own parameters
-METHODS = ADAPTERS + SELECTIVE
+OWN_ADAPTERS = ("bottleneck",)  # inject layers; PEFT lacks them (no oracle for counts)
+METHODS = ADAPTERS + SELECTIVE + OWN_ADAPTERS
 PEFT_CONFIGS = {
     "lora": "LoraConfig",
     "ia3": "IA3Config",
@@ -83,7 +85,17 @@ IA3_TARGETS = {
 CONV1D = {"gpt2"}  # GPT-2's transformers Conv1D layers store weights as (in, out)
 
 # name of a parameter -> whether the method trains it (besides the heads in HEADS)
-ADAPTER_PARAMETER = {"lora": ".lora_", "ia3": ".ia3_l.", "loha": ".hada_", "lokr": ".lokr_", "oft": ".oft_R."}
+ADAPTER_PARAMETER = {
+    "lora": ".lora_",
+    "ia3": ".ia3_l.",
+    "loha": ".hada_",
+    "lokr": ".lokr_",
+    "oft": ".oft_R.",
+    "bottleneck": ".adapter_",
+}
+# Bottleneck adapters: Houlsby placement (after attention and feed-forward) where the architecture
+# has a default; the user's MLP has no attention, so one Pfeiffer adapter after each fc2.
+BOTTLENECK = {"mlp": dict(adapter_type="pfeiffer", mlp_modules=["fc2"])}
 
 
 def skip_reason(method: str, arch: str) -> str | None:
@@ -116,6 +128,8 @@ def config_kwargs(method: str, arch: str) -> dict[str, Any]:
             kwargs["fan_in_fan_out"] = True
     elif method == "partial":
         kwargs["train_top_n_layers"] = 1
+    elif method == "bottleneck":
+        kwargs.update(bottleneck_size=4, **BOTTLENECK.get(arch, {}))
     return kwargs
 
 

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 # Public names that need torch, imported on first use so that ``import peftkit`` stays fast.
 _LAZY_EXPORTS = {
+    "BottleneckConfig": "peftkit.methods.adapters",
     "BitFitConfig": "peftkit.methods.selective",
     "FullFinetuneConfig": "peftkit.methods.selective",
     "PartialFinetuneConfig": "peftkit.methods.selective",
@@ -27,6 +28,7 @@ _LAZY_EXPORTS = {
 }
 
 __all__ = [
+    "BottleneckConfig",
     "LoHaConfig",
     "LoKrConfig",
     "OFTConfig",
@@ -46,6 +48,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from peftkit.methods.adapters import BottleneckConfig
     from peftkit.methods.base import PeftConfig, TaskType
     from peftkit.methods.ia3 import IA3Config
     from peftkit.methods.loha import LoHaConfig

@@ -109,4 +109,4 @@ __all__ = [
 ]
 
 # Built-in methods register themselves on import.
-from peftkit.methods import ia3, loha, lokr, lora, oft, selective  # noqa: E402, F401
+from peftkit.methods import adapters, ia3, loha, lokr, lora, oft, selective  # noqa: E402, F401
