@@ -57,6 +57,21 @@ class InjectedAdapterModel(nn.Module):
 
     # -- shared --------------------------------------------------------------------------------
 
+    def bias_names(self, mode: str, layer_types: type | tuple[type, ...]) -> list[str]:
+        """PEFT's ``bias`` option as parameter names: ``"all"`` trains every bias of the model,
+        ``"<method>_only"`` (``lora_only``, ``oft_only``) only those of the adapted layers."""
+        if mode == "all":
+            return [
+                n for n, _ in self.named_parameters(remove_duplicate=False) if n.rsplit(".", 1)[-1] == "bias"
+            ]
+        if mode.endswith("_only"):
+            return [
+                f"{name}.base_layer.bias"
+                for name, module in self.named_modules()
+                if isinstance(module, layer_types) and getattr(module.base_layer, "bias", None) is not None
+            ]
+        return []
+
     @classmethod
     def targetable_modules(cls, model: nn.Module) -> list[str]:
         return targetable_modules(model, cls.is_supported)

@@ -38,15 +38,4 @@ class OFTModel(InjectedAdapterModel):
         return layer
 
     def extra_trainable_names(self, adapter_name: str) -> list[str]:
-        bias = self.peft_config[adapter_name].bias
-        if bias == "all":
-            return [
-                n for n, _ in self.named_parameters(remove_duplicate=False) if n.rsplit(".", 1)[-1] == "bias"
-            ]
-        if bias == "oft_only":
-            return [
-                f"{name}.base_layer.bias"
-                for name, module in self.named_modules()
-                if isinstance(module, OFTLinear) and module.base_layer.bias is not None
-            ]
-        return []
+        return self.bias_names(self.peft_config[adapter_name].bias, OFTLinear)
