@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.methods.base import TargetingConfig
-from peftkit.methods.lora.layer import adapter_dtype
+from peftkit.methods.layers import WrappedLayer, adapter_dtype
 from peftkit.methods.lora.model import LORA_DEFAULT_TARGET_MODULES, pattern_value
 from peftkit.methods.merging import add_to_weight
 from peftkit.methods.tuner import InjectedAdapterModel
@@ -91,7 +91,7 @@ class LycorisConfig(TargetingConfig):
         return problems
 
 
-class LycorisLinear(nn.Module):
+class LycorisLinear(WrappedLayer):
     """A frozen ``nn.Linear`` plus a full-weight update built from factors (an ``AdapterModule``).
 
     Subclasses name their factors in ``adapter_layer_names`` and implement ``parameter_shapes``,
@@ -101,8 +101,7 @@ class LycorisLinear(nn.Module):
     adapter_layer_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base_layer: nn.Linear):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict())
@@ -112,16 +111,6 @@ class LycorisLinear(nn.Module):
         self.rank_dropout: dict[str, float] = {}
         self.rank_dropout_scale: dict[str, bool] = {}
         self.module_dropout: dict[str, float] = {}
-        self.active_adapter: str | None = None
-
-    # Explicit delegation of what model code reads off a linear layer (dtype checks, tying).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     # -- hooks ---------------------------------------------------------------------------------
 

@@ -14,17 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftkit.methods.lora.layer import adapter_dtype
+from peftkit.methods.layers import WrappedLayer, adapter_dtype
 from peftkit.methods.merging import require_finite
 from peftkit.methods.targeting import is_conv1d
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLayer):
     """A frozen linear layer whose input or output is rescaled by a learned vector (an ``AdapterModule``)."""
 
     def __init__(self, base_layer: nn.Module):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         # Conv1D stores its weight as (in, out): merging must transpose the vector.
         self.fan_in_fan_out = is_conv1d(base_layer)
         rows, cols = base_layer.weight.shape
@@ -32,16 +31,6 @@ class IA3Linear(nn.Module):
         self.ia3_l = nn.ParameterDict()
         # Per adapter: scale the input (feed-forward) or the output.
         self.is_feedforward: dict[str, bool] = {}
-        self.active_adapter: str | None = None
-
-    # Explicit delegation of what model code reads off a linear layer (dtype checks, tying).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def update_layer(self, adapter_name: str, *, is_feedforward: bool, init_ia3_weights: bool) -> None:
         """Add (or replace) the adapter ``adapter_name``: ones (a no-op) or, for tests, random values."""

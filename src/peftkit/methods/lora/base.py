@@ -5,16 +5,12 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-import torch
 from torch import nn
 
-
-def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """Adapter weights stay fp32 on half-precision models (stable training), else follow the base."""
-    return base_dtype if base_dtype == torch.float64 else torch.float32
+from peftkit.methods.layers import WrappedLayer
 
 
-class LoraLayerBase(nn.Module):
+class LoraLayerBase(WrappedLayer):
     """A frozen ``base_layer`` plus named low-rank adapters (an ``AdapterModule``).
 
     Subclasses create their adapter weights in ``update_layer`` after calling
@@ -24,22 +20,11 @@ class LoraLayerBase(nn.Module):
     feature_names: ClassVar[tuple[str, str]] = ("in_features", "out_features")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.in_features, self.out_features = in_features, out_features
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.active_adapter: str | None = None
-
-    # Explicit delegation of what model code reads off the wrapped layer (dtype checks, tying).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
 
     def set_rank(self, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
         """Record rank and alpha; scaling = alpha / r, or alpha / sqrt(r) with rsLoRA."""

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftkit.methods.lora.base import LoraLayerBase, adapter_dtype
+from peftkit.methods.layers import adapter_dtype
+from peftkit.methods.lora.base import LoraLayerBase
 from peftkit.methods.merging import add_to_weight
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)

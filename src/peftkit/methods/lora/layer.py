@@ -22,7 +22,8 @@ import math
 import torch
 from torch import nn
 
-from peftkit.methods.lora.base import LoraLayerBase, adapter_dtype
+from peftkit.methods.layers import adapter_dtype
+from peftkit.methods.lora.base import LoraLayerBase
 from peftkit.methods.lora.dora import DoraMagnitude, dora_delta, weight_norm
 from peftkit.methods.lora.init import is_weight_moving_init, split_weight
 from peftkit.methods.merging import require_finite

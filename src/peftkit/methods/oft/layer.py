@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from peftkit.methods.lora.layer import adapter_dtype
+from peftkit.methods.layers import WrappedLayer, adapter_dtype
 from peftkit.methods.merging import require_finite
 from peftkit.methods.oft.config import OFTConfig
 
@@ -115,26 +115,15 @@ class OFTRotation(nn.Module):
         return f"blocks={self.n_blocks}, block_size={self.block_size}, block_share={self.block_share}"
 
 
-class OFTLinear(nn.Module):
+class OFTLinear(WrappedLayer):
     """A frozen ``nn.Linear`` whose input is rotated by a learned block-diagonal orthogonal matrix."""
 
     def __init__(self, base_layer: nn.Linear):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.oft_R = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.oft_block_size: dict[str, int] = {}
-        self.active_adapter: str | None = None
-
-    # Explicit delegation of what model code reads off a linear layer (dtype checks, tying).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def update_layer(self, adapter_name: str, config: OFTConfig) -> None:
         """Add (or replace) ``adapter_name``: identity rotations (PEFT's default) or random ones."""
