@@ -116,7 +116,7 @@ class PeftModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().generate(*args, **kwargs)
+        return self.base_model.generate(*args, **kwargs)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts, counted like PEFT (works on the meta device)."""

@@ -68,10 +68,13 @@ def register_peft_method(name: str, config_cls: type[PeftConfig], model_cls: typ
         raise ValueError(
             f"{config_cls.__name__}.peft_type defaults to {declared!r}; method {name!r} needs {peft_type!r}"
         )
+    from peftkit.methods.tuner_base import TunerBase
+
     missing = [hook for hook in _TUNER_HOOKS if not callable(getattr(model_cls, hook, None))]
-    if not isinstance(model_cls, type) or missing:
+    if not isinstance(model_cls, type) or not issubclass(model_cls, TunerBase) or missing:
         raise TypeError(
-            f"model_cls for {name!r} must be a class with {', '.join(_TUNER_HOOKS)}; missing: {missing}"
+            f"model_cls for {name!r} must be a TunerBase subclass with {', '.join(_TUNER_HOOKS)}; "
+            f"missing: {missing}"
         )
     for spec in _REGISTRY.values():
         if spec.config_cls is config_cls:

@@ -25,9 +25,10 @@ from peftkit.methods.targeting import (
     resolve_target_modules,
     targetable_modules,
 )
+from peftkit.methods.tuner_base import TunerBase
 
 
-class InjectedAdapterModel(nn.Module):
+class InjectedAdapterModel(TunerBase):
     """Wraps the user's model as ``.model`` and manages the adapters injected into it."""
 
     method_name: ClassVar[str] = "this method"  # for error messages only
@@ -75,9 +76,6 @@ class InjectedAdapterModel(nn.Module):
     @classmethod
     def targetable_modules(cls, model: nn.Module) -> list[str]:
         return targetable_modules(model, cls.is_supported)
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
 
     def add_adapter(self, adapter_name: str, config: TargetingConfig) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:

@@ -29,6 +29,7 @@ from peftkit.io import atomic_dir, remove_stale_temporaries
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+TUNER_STATE_FILE = "tuner_state.safetensors"  # a method's own training state, when it has one
 
 
 @dataclass
@@ -117,6 +118,10 @@ def save_checkpoint(
         model.save_pretrained(tmp / "adapter")
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file({k: v.contiguous() for k, v in _rng_tensors().items()}, str(tmp / "rng.safetensors"))
+        tuner_state = model.base_model.training_state()  # e.g. AdaLoRA's sensitivity averages
+        if tuner_state:
+            tensors_cpu = {k: v.detach().cpu().contiguous() for k, v in tuner_state.items()}
+            save_file(tensors_cpu, str(tmp / TUNER_STATE_FILE))
         # The state file goes last: its presence is what marks a checkpoint as complete.
         (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1, default=_json_default))
     for old in list_checkpoints(output_dir)[:-keep]:
@@ -156,6 +161,9 @@ def load_checkpoint(
     optimizer.load_state_dict({"state": per_param, "param_groups": state.optimizer_groups})
     # LambdaLR stores its (unpicklable) functions as None; ours are rebuilt from the config.
     scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)})
+
+    tuner_state = path / TUNER_STATE_FILE
+    model.base_model.load_training_state(load_file(str(tuner_state)) if tuner_state.exists() else {})
 
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])

@@ -181,6 +181,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     )
     stream = MicroBatchStream(data.train, t.batch_size, seed=t.seed, group_by_length=t.group_by_length)
     total_steps = total_optimizer_steps(job, stream.batches_per_epoch)
+    model.base_model.on_train_start(total_steps)  # e.g. AdaLoRA's rank-budget schedule
     scheduler = build_scheduler(optimizer, t, total_steps)
 
     session = TrainSession(
@@ -242,12 +243,16 @@ def train(
             (loss_sum / step_label_tokens).backward()
             step_loss += loss_sum.item()
             step_tokens += int(batch["attention_mask"].sum())
+        regularization = model.base_model.regularization_loss()  # e.g. AdaLoRA's orthogonality term
+        if regularization is not None:
+            regularization.backward()
         grad_norm = None
         if t.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
+        model.base_model.on_optimizer_step(step)  # e.g. AdaLoRA's rank allocation, which reads the grads
         optimizer.zero_grad(set_to_none=True)
 
         elapsed = time.perf_counter() - started

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftkit.methods.tuner_base import TunerBase
 from peftkit.train.batching import IGNORE_INDEX
 
 _CHUNK = 1024  # labelled positions projected at a time: bounds the logits buffer
@@ -37,10 +38,17 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     parts = _body_and_head(model)
     if parts is None:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1][mask]
+        # Methods that prepend virtual tokens (prompt tuning) return logits for them too.
+        logits = logits[:, -batch["input_ids"].shape[1] : -1][mask]
         return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), n_tokens
     body, head = parts
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, TunerBase):  # a PeftModel: the method may add prompts or past key/values
+        hidden = tuner.body_hidden_states(body, batch["input_ids"], batch["attention_mask"])
+    else:
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[
+            0
+        ]
     selected = hidden[:, :-1][mask]  # (n_tokens, hidden)
     targets = labels[mask]
     total = hidden.new_zeros((), dtype=torch.float32)

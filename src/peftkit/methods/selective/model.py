@@ -29,6 +29,7 @@ from peftkit.methods.selective.config import (
     PartialFinetuneConfig,
     SelectiveConfig,
 )
+from peftkit.methods.tuner_base import TunerBase
 
 
 def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ def _sample(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + more
 
 
-class SelectiveModel(nn.Module):
+class SelectiveModel(TunerBase):
     """Wraps the user's model as ``.model`` and trains the parameters a subclass selects."""
 
     method_name: ClassVar[str] = "this method"  # for error messages only
@@ -80,9 +81,6 @@ class SelectiveModel(nn.Module):
         return [name for name, m in model.named_modules() if name and any(True for _ in m.parameters(False))]
 
     # -- shared --------------------------------------------------------------------------------
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
 
     def _params(self) -> dict[str, nn.Parameter]:
         return dict(self.model.named_parameters())
