@@ -66,7 +66,7 @@ def test_all_problems_reported_at_once():
 
 def test_wrong_type_is_reported():
     message = _problems({"training": {"max_steps": "ten"}})
-    assert "'training.max_steps' must be int" in message and "'ten'" in message
+    assert "'training.max_steps' must be an integer" in message and "'ten'" in message
 
 
 def test_overrides_apply_and_are_typed(tmp_path):

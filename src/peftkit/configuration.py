@@ -75,6 +75,9 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        if len(args) == 2 and type(None) in args:  # Optional[X]: X's own, more precise problems
+            (arg,) = (a for a in args if a is not type(None))
+            return _convert(value, arg, where, problems)
         for arg in args:
             if arg is type(None):
                 continue

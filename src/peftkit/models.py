@@ -104,9 +104,14 @@ def load_model_and_tokenizer(
     dtype: torch.dtype | str = "float32",
     trust_remote_code: bool = False,
     task: str = "causal_lm",
+    quantization: Any = None,
     **model_kwargs: Any,
 ) -> tuple[Any, Any]:
     """Load a model (in eval mode, on the CPU) and its tokenizer.
+
+    ``quantization`` (a :class:`peftkit.quantization.QuantizationConfig`, a mapping of its
+    fields, or a transformers ``BitsAndBytesConfig``) loads the linear layers quantized to 4 or
+    8 bits with bitsandbytes, for QLoRA. Such a model must never be cast with ``.to(dtype)``.
 
     ``trust_remote_code`` is passed to transformers as given and never switched on for the
     user: it runs Python files from the model repository. ``model_kwargs`` go to
@@ -122,6 +127,12 @@ def load_model_and_tokenizer(
     import transformers
 
     auto_cls = getattr(transformers, TASKS[task])
+    if quantization is not None:
+        from peftkit.quantization import as_bnb_config
+
+        model_kwargs["quantization_config"] = as_bnb_config(
+            quantization, torch_dtype if isinstance(torch_dtype, torch.dtype) else None
+        )
     common = {"trust_remote_code": trust_remote_code, "local_files_only": hub_offline()}
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, **common)
@@ -130,6 +141,11 @@ def load_model_and_tokenizer(
         )
     except (OSError, ValueError) as err:
         raise ModelLoadError(_explain_load_error(name_or_path, model_dir, err)) from err
+    if quantization is not None:
+        from peftkit.quantization import check_cpu_4bit_layers, keep_trainable_4bit_layout
+
+        keep_trainable_4bit_layout(model)
+        check_cpu_4bit_layers(model)
     ensure_pad_token(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = (

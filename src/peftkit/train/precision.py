@@ -24,3 +24,19 @@ def split_precision(model: nn.Module, frozen_dtype: torch.dtype) -> None:
         wanted = torch.float32 if param.requires_grad else frozen_dtype
         if param.dtype != wanted:
             param.data = param.data.to(wanted)
+
+
+def store_in_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)``, except that quantized weights (QLoRA bases) keep their packed storage.
+
+    transformers refuses ``.to(dtype)`` on bitsandbytes models; their packed uint8/int8 weights are
+    not floating point and are skipped here, every floating-point parameter is cast.
+    """
+    from peftkit.quantization import is_quantized
+
+    if not is_quantized(model):
+        model.to(dtype)
+        return
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
