@@ -18,7 +18,6 @@ from torch import nn
 import peftkit
 from _tiny_models import make_tiny_gpt2
 from conftest import make_tiny_llama
-from peftkit.errors import PeftkitError
 from peftkit.methods.lora import LoraConfig
 
 peft = pytest.importorskip("peft")
@@ -91,6 +90,20 @@ CASES = {
         dict(LLAMA, target_modules=["q_proj", "k_proj"], use_dora=True, modules_to_save=["lm_head"]),
     ),
     "llama-embed-tokens": (make_tiny_llama, dict(LLAMA, target_modules=["embed_tokens", "v_proj"])),
+    "dora-embedding-conv-linear": (
+        make_tiny_mixed,
+        dict(target_modules=["emb", "conv1", "conv2", "head"], use_dora=True),
+    ),
+    "dora-embedding-conv-dropout-rslora": (
+        make_tiny_mixed,
+        dict(target_modules=["emb", "conv1", "conv2"], use_dora=True, lora_dropout=0.2, use_rslora=True, r=3),
+    ),
+    "dora-llama-embed-tokens": (
+        make_tiny_llama,
+        dict(
+            LLAMA, target_modules=["embed_tokens", "q_proj"], use_dora=True, rank_pattern={"embed_tokens": 2}
+        ),
+    ),
 }
 
 
@@ -155,11 +168,10 @@ def test_same_outputs_in_training_mode_with_dropout(pair):
 
 def test_files_load_both_ways(pair, tmp_path):
     theirs, ours, ids, builder = pair
-    ours.save_pretrained(tmp_path / "ours")
+    ours.save_pretrained(tmp_path / "ours", save_embedding_layers=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # PEFT's default ("auto") also saves the whole base embedding when "embed_tokens" is a
-        # target; peftkit saves only the adapter (see test_peft_file_with_base_embedding_is_refused).
+        # Adapter tensors only: files with the base embedding are tested in test_lora_tokens.py.
         theirs.save_pretrained(tmp_path / "theirs", save_embedding_layers=False)
         in_peft = peft.PeftModel.from_pretrained(builder(), tmp_path / "ours")
     assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
@@ -181,14 +193,19 @@ def test_merged_equals_unmerged_and_peft_merged(pair):
     torch.testing.assert_close(ours_merged, their_merged, atol=MERGE_ATOL, rtol=0)
 
 
-def test_peft_file_with_base_embedding_is_refused(tmp_path):
-    """Not implemented: PEFT files that carry a full base embedding (save_embedding_layers)."""
-    config = dict(LLAMA, target_modules=["embed_tokens"])
+def test_peft_file_with_base_embedding_loads(tmp_path):
+    """PEFT's default ("auto") saves the base embedding when embed_tokens is a target; it loads."""
+    config = dict(LLAMA, target_modules=["embed_tokens"], use_dora=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _peft(make_tiny_llama(), **config).save_pretrained(tmp_path)
-    with pytest.raises(PeftkitError, match=r"embed_tokens\.base_layer\.weight"):
-        peftkit.PeftModel.from_pretrained(make_tiny_llama(), tmp_path)
+        theirs = _peft(make_tiny_llama(), **config)
+        theirs.save_pretrained(tmp_path)
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(
+        tmp_path / "adapter_model.safetensors"
+    )
+    ours = peftkit.PeftModel.from_pretrained(make_tiny_llama(), tmp_path)
+    ids = torch.randint(0, 400, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_out(ours, ids), _out(theirs, ids), atol=ATOL, rtol=0)
 
 
 def test_dora_saves_magnitude_under_peft_key(tmp_path):
@@ -280,14 +297,6 @@ def test_invalid_variant_config(kwargs, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (
-            dict(target_modules=["emb"], use_dora=True),
-            "use_dora=True is not supported by peftkit for nn.Embedding",
-        ),
-        (
-            dict(target_modules=["conv1"], use_dora=True),
-            "use_dora=True is not supported by peftkit for Conv1d",
-        ),
         (dict(target_modules=["conv2"], init_lora_weights="pissa"), "does not work on Conv2d"),
     ],
 )

@@ -24,6 +24,8 @@ from torch import nn
 from peftkit.errors import PeftkitError
 from peftkit.methods import get_method
 from peftkit.methods.base import AdapterModule, PeftConfig, TaskType, TunerModel
+from peftkit.quantization import logical_numel
+from peftkit.saved_embeddings import check_saved_vocabulary
 from peftkit.serialization import (
     get_peft_model_state_dict,
     load_adapter_weights,
@@ -120,11 +122,11 @@ class PeftModel(nn.Module):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts, counted like PEFT (works on the meta device)."""
-        trainable = total = 0
+        trainable = total = 0  # a packed 4-bit weight stands for 2 parameters per byte
         for _, param in self.named_parameters():
-            total += param.numel()
+            total += logical_numel(param)
             if param.requires_grad:
-                trainable += param.numel()
+                trainable += logical_numel(param)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -212,11 +214,15 @@ class PeftModel(nn.Module):
         *,
         safe_serialization: bool = True,
         is_main_process: bool = True,
+        save_embedding_layers: bool | str = "auto",
     ) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as PEFT does.
 
         The "default" adapter goes into ``save_directory``, others into ``save_directory/<name>``.
         ``is_main_process=False`` writes nothing (for multi-process training).
+        ``save_embedding_layers`` (PEFT's option): also save the full input/output embedding
+        matrices; "auto" does so when ``embed_tokens``/``lm_head`` is a target or the vocabulary
+        was resized (``config.vocab_size`` differs from the base model's).
         """
         if not safe_serialization:
             raise ValueError("peftkit writes adapters only as safetensors; drop safe_serialization=False")
@@ -238,7 +244,10 @@ class PeftModel(nn.Module):
                 if config["task_type"] is None
                 else None
             )
-            adapters["" if name == "default" else name] = (get_peft_model_state_dict(self, name), config)
+            adapters["" if name == "default" else name] = (
+                get_peft_model_state_dict(self, name, save_embedding_layers=save_embedding_layers),
+                config,
+            )
         save_adapters(save_directory, adapters)
 
     @classmethod
@@ -261,6 +270,7 @@ class PeftModel(nn.Module):
         config = config if config is not None else PeftConfig.from_pretrained(directory)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         weights = load_adapter_weights(directory)  # before injecting: fail early on a missing/pickle file
+        check_saved_vocabulary(model, weights)  # a resized vocabulary needs a resized base model
         model_cls = TASK_MODEL_CLASSES.get(config.task_type, PeftModel) if cls is PeftModel else cls
         peft_model = model_cls(model, config, adapter_name)
         set_peft_model_state_dict(peft_model, weights, adapter_name)

@@ -91,7 +91,14 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     )
     if args.adapter:
         from peftkit import PeftModel  # imported late: only adapter users pay for it
+        from peftkit.models import ensure_pad_token
+        from peftkit.saved_embeddings import adapter_tokenizer
 
+        # The tokenizer saved with the adapter knows tokens training added (the base grows to fit).
+        saved_tokenizer = adapter_tokenizer(args.adapter, model, trust_remote_code=args.trust_remote_code)
+        if saved_tokenizer is not None and len(saved_tokenizer) != len(tokenizer):
+            tokenizer = saved_tokenizer
+            ensure_pad_token(tokenizer)
         model = PeftModel.from_pretrained(model, args.adapter)
     from peftkit.models import resolve_device
 

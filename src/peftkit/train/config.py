@@ -6,6 +6,8 @@ Layout of a job file::
     method: lora
     lora:               # options of the chosen method (its config class's fields)
       r: 16
+    quantization: {bits: 4}   # optional: QLoRA, peftkit.quantization.QuantizationConfig
+    tokens: {add: [...]}  # optional: new vocabulary tokens, peftkit.train.tokens.TokensConfig
     data: {...}         # peftkit.data.DataConfig
     training: {...}     # TrainingConfig
     evaluation: {...}   # EvaluationConfig
@@ -26,6 +28,8 @@ import yaml
 
 from peftkit.configuration import ConfigError, closest, from_dict, to_dict, unknown_key_message
 from peftkit.data import DataConfig
+from peftkit.quantization import QuantizationConfig
+from peftkit.train.tokens import TokensConfig
 
 
 @dataclass
@@ -161,6 +165,17 @@ class TrainJobConfig:
     method: str = field(
         default="lora", metadata={"help": "Fine-tuning method; its options go in a section of the same name."}
     )
+    quantization: QuantizationConfig | None = field(
+        default=None,
+        metadata={
+            "help": "Load the frozen base weights quantized with bitsandbytes (QLoRA), e.g. {bits: 4}; "
+            "null: unquantized."
+        },
+    )
+    tokens: TokensConfig = field(
+        default_factory=TokensConfig,
+        metadata={"help": "New vocabulary tokens and how their embeddings train (see train/tokens.py)."},
+    )
     data: DataConfig = field(
         default_factory=DataConfig, metadata={"help": "Where the data comes from and how it is formatted."}
     )
@@ -280,6 +295,14 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
             method_config = from_dict(spec.config_cls, method_section, where=method)
         except ConfigError as err:
             problems.extend(err.problems)
+    if job is not None and job.quantization is not None and spec is not None:
+        if not getattr(spec.model_cls, "supports_quantized_base", False):
+            able = [n for n in methods if getattr(get_method(n).model_cls, "supports_quantized_base", False)]
+            problems.append(
+                f"'quantization' is set but method {method!r} cannot train on a quantized base model "
+                f"(its layers need full-precision weights): use one of {', '.join(able) or 'none'}, "
+                "or set quantization: null"
+            )
     if problems:
         raise ConfigError(problems, source)
     assert job is not None

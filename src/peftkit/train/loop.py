@@ -40,8 +40,9 @@ from peftkit.train.checkpoint import (
 from peftkit.train.config import TrainJobConfig
 from peftkit.train.loss import lm_loss_sum
 from peftkit.train.metrics import METRICS_FILE, MetricsLog
-from peftkit.train.precision import split_precision
+from peftkit.train.precision import split_precision, store_in_dtype
 from peftkit.train.schedule import build_scheduler
+from peftkit.train.tokens import add_tokens, check_tokens_for_method, with_new_tokens
 
 ADAPTER_DIR = "adapter"
 RESULTS_FILE = "eval_results.json"
@@ -131,6 +132,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     from peftkit.models import load_model_and_tokenizer, resolve_device
 
     t = job.training
+    check_tokens_for_method(job.tokens, job.method, job.method_config)
     output_dir = Path(job.output_dir)
     checkpoint = prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
     if t.num_threads:
@@ -140,16 +142,30 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     autocast_dtype = resolve_autocast(t.precision, device)
 
     attention = t.attention if t.attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
+    quantized = job.quantization is not None
+    load_options: dict[str, Any] = {}
+    if quantized:
+        # bitsandbytes quantizes while loading, on the device the weights go to; `compute_dtype:
+        # auto` follows the training precision.
+        load_options["quantization"] = job.quantization.to_bnb_config(autocast_dtype)
+        load_options["device_map"] = {"": str(device)}
     model, tokenizer = load_model_and_tokenizer(
-        job.base_model, trust_remote_code=job.trust_remote_code, attn_implementation=attention
+        job.base_model,
+        trust_remote_code=job.trust_remote_code,
+        attn_implementation=attention,
+        **load_options,
     )
+    new_token_ids = add_tokens(job.tokens, model, tokenizer)  # before tokenizing the data
     data = build_datasets(job.data, tokenizer, seed=t.seed)
     say(data.summary())
     # With bf16 autocast the frozen weights are stored in bf16 from the start (see precision.py);
     # adapters are created in fp32 whatever the base dtype.
-    model.to(device)
+    # A quantized model is already on its device and refuses .to(dtype): only its floating-point
+    # weights (norms, embeddings, LM head) are stored in bf16, the packed 4/8-bit ones stay as they are.
+    if not quantized:
+        model.to(device)
     if autocast_dtype is not None:
-        model.to(autocast_dtype)
+        store_in_dtype(model, autocast_dtype)
 
     previous = _read_results(output_dir) if checkpoint is not None else {}
     results: dict[str, Any] = {"before": previous.get("before")} if previous.get("before") else {}
@@ -167,10 +183,12 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         base_model_name_or_path=job.method_config.base_model_name_or_path or job.base_model,
         task_type=job.method_config.task_type or TaskType.CAUSAL_LM,
     )
+    method_config = with_new_tokens(job.tokens, method_config, model, new_token_ids)
     model = get_peft_model(model, method_config)
     if autocast_dtype is not None:
         split_precision(model, autocast_dtype)
-    model.to(device)
+    if not quantized:
+        model.to(device)
     model.train()
 
     params = [p for p in model.parameters() if p.requires_grad]

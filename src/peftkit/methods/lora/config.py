@@ -68,7 +68,7 @@ class LoraConfig(TargetingConfig):
         default=False,
         metadata={
             "help": "DoRA: also train a per-output magnitude vector, rescaling each row of W + BA to it "
-            "(linear layers only in peftkit; slower than plain LoRA)."
+            "(linear, Conv1D, embedding and conv layers, as in PEFT; slower than plain LoRA)."
         },
     )
     rank_pattern: dict[str, int] = field(
@@ -79,6 +79,15 @@ class LoraConfig(TargetingConfig):
         default_factory=dict,
         metadata={
             "help": "Per-module lora_alpha: {regex matched against the end of the module name: alpha}."
+        },
+    )
+
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None,
+        metadata={
+            "help": "Train only these rows of the embedding (e.g. tokens added to the vocabulary), saved as "
+            "PEFT's trainable_tokens_delta. A list targets the input embedding (and a tied lm_head); "
+            "{module name: [indices]} targets the named layers."
         },
     )
 
@@ -98,7 +107,6 @@ class LoraConfig(TargetingConfig):
         "monteclora_config": None,
         "qalora_group_size": 16,
         "target_parameters": None,
-        "trainable_token_indices": None,
         "use_bdlora": None,
         "use_qalora": False,
         "velora_config": None,
@@ -124,7 +132,31 @@ class LoraConfig(TargetingConfig):
             )
         if not isinstance(self.use_dora, bool):
             problems.append(f"use_dora must be true or false, got {self.use_dora!r}")
+        problems.extend(_token_index_problems(self.trainable_token_indices))
+        if self.trainable_token_indices is not None and self.peft_type != "LORA":
+            # Subclasses (AdaLoRA) inherit the field; only LoraModel wraps the token rows so far.
+            problems.append(
+                f"trainable_token_indices is not supported by peftkit for {self.peft_type} yet: remove it, "
+                "or use method lora"
+            )
         for pattern, rank in self.rank_pattern.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 problems.append(f"rank_pattern[{pattern!r}] must be a positive integer rank, got {rank!r}")
         return problems
+
+
+def _token_index_problems(indices: list[int] | dict[str, list[int]] | None) -> list[str]:
+    """What is wrong with a ``trainable_token_indices`` value (empty list: nothing)."""
+    if indices is None:
+        return []
+    groups = indices if isinstance(indices, dict) else {"": indices}
+    problems = []
+    for name, values in groups.items():
+        where = f"trainable_token_indices[{name!r}]" if name else "trainable_token_indices"
+        if not isinstance(values, (list, tuple)) or not values:
+            problems.append(f"{where} must be a non-empty list of token ids, got {values!r}")
+        elif any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+            problems.append(f"{where} must hold token ids (integers >= 0), got {values!r}")
+        elif len(set(values)) != len(values):
+            problems.append(f"{where} lists a token id twice: {values!r}")
+    return problems

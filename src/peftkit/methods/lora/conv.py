@@ -6,7 +6,8 @@
                    lora_B: conv r→out (kernel 1) ─► × scaling ─────────────┘
 
 As in PEFT, ``lora_A`` copies the base layer's kernel size, stride and padding but not its
-dilation or padding mode; grouped convolutions are not supported here.
+dilation or padding mode; grouped convolutions are not supported here. With ``use_dora`` a
+magnitude per output channel, shaped (1, out, *1) as in PEFT, rescales the layer (see ``dora.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch.nn import functional as F
 
 from peftkit.methods.layers import adapter_dtype
 from peftkit.methods.lora.base import LoraLayerBase
-from peftkit.methods.merging import add_to_weight
+from peftkit.methods.lora.dora import DoraMagnitude, conv_lora_weight, conv_weight_norm
+from peftkit.methods.merging import add_to_weight, require_finite
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 
@@ -39,6 +41,7 @@ class LoraConv(LoraLayerBase):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
 
     def update_layer(
         self,
@@ -53,11 +56,6 @@ class LoraConv(LoraLayerBase):
     ) -> None:
         """Add (or replace) the adapter ``adapter_name`` with rank ``r``."""
         kind = type(self.base_layer).__name__
-        if use_dora:
-            raise ValueError(
-                f"use_dora=True is not supported by peftkit for {kind} targets; "
-                "exclude the conv layers from target_modules or set use_dora=False"
-            )
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(
                 f"init_lora_weights={init_lora_weights!r} does not work on {kind} layers (PEFT refuses it too); "
@@ -80,6 +78,12 @@ class LoraConv(LoraLayerBase):
             else:
                 nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B[adapter_name].weight)
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        if use_dora:  # magnitude starts at the per-channel norms of W + s B A
+            with torch.no_grad():
+                norm = self.dora_norm(adapter_name)
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(factory["dtype"]))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -88,13 +92,40 @@ class LoraConv(LoraLayerBase):
             return result
         lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
         x = x.to(lora_A.weight.dtype)
-        update = lora_B(lora_A(self.lora_dropout[adapter](x))) * self.scaling[adapter]
-        return (result + update).to(result.dtype)
+        dropout, scaling = self.lora_dropout[adapter], self.scaling[adapter]
+        if adapter not in self.lora_magnitude_vector:
+            return (result + lora_B(lora_A(dropout(x))) * scaling).to(result.dtype)
+        # DoRA needs W * x without bias: reuse the base output unless dropout changes x (as PEFT).
+        base = self.base_layer
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_out = result if base.bias is None else result - base.bias.view(1, -1, *self.ones())
+        else:
+            x = dropout(x)
+            conv_fn = F.conv1d if x.dim() == 3 else F.conv2d
+            weight = base.weight.to(x.dtype)
+            base_out = conv_fn(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+        scale = self.lora_magnitude_vector[adapter].weight / self.dora_norm(adapter)  # (1, out, *1)
+        extra = (scale - 1) * base_out + scale * lora_B(lora_A(x)) * scaling
+        return (result + extra).to(result.dtype)
+
+    def ones(self) -> tuple[int, ...]:
+        """A 1 per spatial dimension, to broadcast per-channel values over (batch, out, *spatial)."""
+        return (1,) * (self.base_layer.weight.dim() - 2)
+
+    def dora_norm(self, adapter_name: str) -> torch.Tensor:
+        """``||W + s B A||`` per output channel, as a constant (no gradient): (1, out, *1)."""
+        weight = self.base_layer.weight
+        lora_a = self.lora_A[adapter_name].weight.detach()
+        lora_weight = conv_lora_weight(lora_a, self.lora_B[adapter_name].weight.detach(), weight.shape)
+        return conv_weight_norm(weight.to(lora_a.dtype), self.scaling[adapter_name] * lora_weight).detach()
 
     def adapter_params(self, adapter_name: str) -> dict[str, str]:
         if adapter_name not in self.lora_A:
             return {}
-        return {f"{n}.weight": f"{n}.{adapter_name}.weight" for n in ("lora_A", "lora_B")}
+        params = {f"{n}.weight": f"{n}.{adapter_name}.weight" for n in ("lora_A", "lora_B")}
+        if adapter_name in self.lora_magnitude_vector:
+            params["lora_magnitude_vector"] = f"lora_magnitude_vector.{adapter_name}.weight"
+        return params
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The update as a kernel like the base weight's: B's 1x1 kernel composed with A's, in fp32."""
@@ -107,5 +138,17 @@ class LoraConv(LoraLayerBase):
     def unwrap(self, merge: bool) -> nn.Module:
         adapter = self.active_adapter
         if merge and adapter is not None and adapter in self.lora_A:
-            add_to_weight(self.base_layer.weight, self.delta_weight(adapter), adapter)
+            if adapter not in self.lora_magnitude_vector:
+                add_to_weight(self.base_layer.weight, self.delta_weight(adapter), adapter)
+                return self.base_layer
+            weight = self.base_layer.weight
+            with torch.no_grad():  # DoRA: W' = (m / ||W + dW||) * (W + dW), per output channel
+                delta = self.delta_weight(adapter)  # (out, in, *k)
+                norm = conv_weight_norm(weight.float(), delta)  # (1, out, *1)
+                factor = self.lora_magnitude_vector[adapter].weight.float() / norm
+                merged = factor.view(-1, 1, *self.ones()) * (weight.float() + delta)
+                weight.copy_(require_finite(merged, adapter).to(weight.dtype))
         return self.base_layer
+
+    def adapter_note(self, adapter_name: str) -> str:
+        return ", dora" if adapter_name in self.lora_magnitude_vector else ""

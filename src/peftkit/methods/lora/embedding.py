@@ -6,6 +6,7 @@
 
 ``lora_embedding_A``: (r, num_embeddings), ``lora_embedding_B``: (embedding_dim, r). As in PEFT,
 A starts at zero and B normal (the reverse of linear LoRA), and no dropout is applied.
+With ``use_dora`` a magnitude per embedding dimension rescales base and update (see ``dora.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch.nn import functional as F
 
 from peftkit.methods.layers import adapter_dtype
 from peftkit.methods.lora.base import LoraLayerBase
-from peftkit.methods.merging import add_to_weight
+from peftkit.methods.lora.dora import DoraMagnitude, embedding_weight_norm
+from peftkit.methods.merging import add_to_weight, require_finite
 
 
 class LoraEmbedding(LoraLayerBase):
@@ -28,6 +30,7 @@ class LoraEmbedding(LoraLayerBase):
         super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
 
     def update_layer(
         self,
@@ -41,11 +44,6 @@ class LoraEmbedding(LoraLayerBase):
         use_dora: bool = False,
     ) -> None:
         """Add (or replace) the adapter ``adapter_name``; ``lora_dropout`` is ignored, as in PEFT."""
-        if use_dora:
-            raise ValueError(
-                "use_dora=True is not supported by peftkit for nn.Embedding targets; "
-                "exclude the embedding from target_modules or set use_dora=False"
-            )
         self.set_rank(adapter_name, r, lora_alpha, use_rslora)
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
@@ -55,6 +53,12 @@ class LoraEmbedding(LoraLayerBase):
             lora_a.zero_()
         self.lora_embedding_A[adapter_name] = nn.Parameter(lora_a)
         self.lora_embedding_B[adapter_name] = nn.Parameter(lora_b)
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        if use_dora:  # magnitude starts at the norms of W + s (BA)^T, one per embedding dimension
+            with torch.no_grad():
+                norm = embedding_weight_norm(weight.float(), self.delta_weight(adapter_name))
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(factory["dtype"]))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -72,15 +76,30 @@ class LoraEmbedding(LoraLayerBase):
             sparse=base.sparse,
         )
         update = (after_a @ self.lora_embedding_B[adapter].T) * self.scaling[adapter]  # (..., dim)
+        if adapter in self.lora_magnitude_vector:
+            # DoRA: both the base output and the update are rescaled by m / ||W + dW|| (detached)
+            scale = self.lora_magnitude_vector[adapter].weight / self.dora_norm(adapter)  # (dim,)
+            result = scale * result
+            update = scale * update
         embed_scale = getattr(base, "embed_scale", None)  # Gemma-style scaled embeddings
         if embed_scale is not None:
             update = update * torch.as_tensor(embed_scale, dtype=update.dtype, device=update.device)
         return (result + update).to(result.dtype)
 
+    def dora_norm(self, adapter_name: str) -> torch.Tensor:
+        """``||W + s (BA)^T||`` over the vocabulary per dimension, as a constant (no gradient): (dim,)."""
+        weight_a = self.lora_embedding_A[adapter_name].detach()  # (r, num)
+        weight_b = self.lora_embedding_B[adapter_name].detach()  # (dim, r)
+        delta = (weight_a.T @ weight_b.T) * self.scaling[adapter_name]  # (num, dim), as PEFT computes it
+        return embedding_weight_norm(self.base_layer.weight.to(delta.dtype), delta).detach()
+
     def adapter_params(self, adapter_name: str) -> dict[str, str]:
         if adapter_name not in self.lora_embedding_A:
             return {}
-        return {name: f"{name}.{adapter_name}" for name in ("lora_embedding_A", "lora_embedding_B")}
+        params = {name: f"{name}.{adapter_name}" for name in ("lora_embedding_A", "lora_embedding_B")}
+        if adapter_name in self.lora_magnitude_vector:
+            params["lora_magnitude_vector"] = f"lora_magnitude_vector.{adapter_name}.weight"
+        return params
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``(B @ A)^T * scaling``: (num_embeddings, embedding_dim), like the base weight, in fp32."""
@@ -91,5 +110,18 @@ class LoraEmbedding(LoraLayerBase):
     def unwrap(self, merge: bool) -> nn.Module:
         adapter = self.active_adapter
         if merge and adapter is not None and adapter in self.lora_embedding_A:
-            add_to_weight(self.base_layer.weight, self.delta_weight(adapter), adapter)
+            if adapter not in self.lora_magnitude_vector:
+                add_to_weight(self.base_layer.weight, self.delta_weight(adapter), adapter)
+                return self.base_layer
+            weight = self.base_layer.weight
+            with torch.no_grad():  # DoRA: W' = (m / ||W + dW||) * (W + dW), columns scaled per dimension
+                delta = self.delta_weight(adapter)  # (num, dim)
+                total = weight.float() + delta
+                factor = self.lora_magnitude_vector[adapter].weight.float() / embedding_weight_norm(
+                    weight.float(), delta
+                )
+                weight.copy_(require_finite(factor.view(1, -1) * total, adapter).to(weight.dtype))
         return self.base_layer
+
+    def adapter_note(self, adapter_name: str) -> str:
+        return ", dora" if adapter_name in self.lora_magnitude_vector else ""

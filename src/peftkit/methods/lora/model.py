@@ -8,10 +8,12 @@ from typing import ClassVar
 
 from torch import nn
 
+from peftkit.methods.lora.bnb import new_quantized_lora_layer
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.conv import CONV_TYPES, LoraConv
 from peftkit.methods.lora.embedding import LoraEmbedding
 from peftkit.methods.lora.layer import LoraLinear
+from peftkit.methods.lora.trainable_tokens import wrap_trainable_tokens
 from peftkit.methods.targeting import is_linear_like
 from peftkit.methods.tuner import InjectedAdapterModel
 
@@ -54,6 +56,9 @@ LORA_LAYER_TYPES = (LoraLinear, LoraEmbedding, LoraConv)
 
 def _new_layer(target: nn.Module) -> nn.Module:
     """The LoRA layer type for a plain module (``is_supported`` has accepted it)."""
+    quantized = new_quantized_lora_layer(target)  # bitsandbytes 4-/8-bit linear (QLoRA), see bnb.py
+    if quantized is not None:
+        return quantized
     if isinstance(target, nn.Embedding):
         return LoraEmbedding(target)
     if isinstance(target, CONV_TYPES):
@@ -65,6 +70,7 @@ class LoraModel(InjectedAdapterModel):
     """Injects LoRA layers into ``nn.Linear`` / ``Conv1D``, ``nn.Embedding`` and ``nn.Conv1d/2d`` targets."""
 
     method_name: ClassVar[str] = "LoRA"
+    supports_quantized_base: ClassVar[bool] = True  # bitsandbytes 4-/8-bit linear bases, see bnb.py
     default_target_modules: ClassVar[dict[str, list[str]]] = LORA_DEFAULT_TARGET_MODULES
     peft_config: dict[str, LoraConfig]
 
@@ -99,3 +105,14 @@ class LoraModel(InjectedAdapterModel):
 
     def extra_trainable_names(self, adapter_name: str) -> list[str]:
         return self.bias_names(self.peft_config[adapter_name].bias, LORA_LAYER_TYPES)
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        super().add_adapter(adapter_name, config)
+        if config.trainable_token_indices is not None:  # after LoRA and modules_to_save, as in PEFT
+            wrap_trainable_tokens(
+                self.model,
+                config.trainable_token_indices,
+                adapter_name,
+                lora_targets={n for n, m in self.model.named_modules() if isinstance(m, LORA_LAYER_TYPES)},
+            )
+            self.set_adapter(self.active_adapter)
