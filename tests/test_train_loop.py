@@ -171,3 +171,31 @@ def test_killed_process_resumes_to_the_same_adapter(tiny_model_dir, data_file, t
     a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "killed")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+RESUME_METHODS = {
+    # the adapter file holds the encoder's output, not the encoder: resume needs the training state
+    "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 16, "encoder_dropout": 0.1},
+    "prefix_tuning": {"num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16},
+    "bottleneck": {"bottleneck_size": 4},
+}
+
+
+@pytest.mark.parametrize("method", RESUME_METHODS)
+def test_resume_is_exact_for_methods_whose_file_is_not_their_state(
+    method, tiny_model_dir, data_file, tmp_path
+):
+    def make(out):
+        config = job(tiny_model_dir, data_file, out, save_every=3).to_yaml_dict()
+        config.pop("lora")
+        config.update(method=method, **{method: {"task_type": "CAUSAL_LM", **RESUME_METHODS[method]}})
+        return build_job_config(config)
+
+    run_training(make(tmp_path / "straight"), progress=False)
+    interrupted = make(tmp_path / "resumed")
+    run_training(interrupted, progress=False, stop_after_step=5)
+    run_training(interrupted, resume=True, progress=False)
+    a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

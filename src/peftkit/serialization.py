@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from peftkit.errors import ModelLoadError
 from peftkit.io import TMP_MARKER, atomic_dir, atomic_file, write_json
 from peftkit.methods.base import CONFIG_NAME
+from peftkit.saved_embeddings import embedding_tensors, saves_embeddings, split_embedding_tensors
 
 if TYPE_CHECKING:
     from peftkit.peft_model import PeftModel
@@ -46,16 +47,25 @@ def _key_map(model: PeftModel, adapter_name: str) -> dict[str, str]:
 
 
 def get_peft_model_state_dict(
-    model: PeftModel, adapter_name: str = "default", state_dict: dict[str, torch.Tensor] | None = None
+    model: PeftModel,
+    adapter_name: str = "default",
+    state_dict: dict[str, torch.Tensor] | None = None,
+    save_embedding_layers: bool | str = "auto",
 ) -> dict[str, torch.Tensor]:
     """The adapter's tensors under their saved names (adapter name removed), as PEFT returns them.
 
     ``state_dict`` may be passed when the model's own is not usable directly (e.g. gathered from
-    FSDP shards); it must have the model's key names.
+    FSDP shards); it must have the model's key names. ``save_embedding_layers`` adds the full
+    embedding matrices as PEFT does (see ``saved_embeddings.py``; "auto": when an embedding is
+    a target or the vocabulary was resized).
     """
     if state_dict is None:
         state_dict = model.state_dict()
-    return {saved: state_dict[own] for saved, own in _key_map(model, adapter_name).items()}
+    tensors = {saved: state_dict[own] for saved, own in _key_map(model, adapter_name).items()}
+    tensors = model.base_model.to_saved_tensors(adapter_name, tensors)
+    if saves_embeddings(model, adapter_name, save_embedding_layers):
+        tensors = {**embedding_tensors(model, adapter_name, state_dict), **tensors}
+    return tensors
 
 
 def _sample(keys: list[str], limit: int = 5) -> str:
@@ -77,6 +87,8 @@ def set_peft_model_state_dict(
     always raises.
     """
     key_map = _key_map(model, adapter_name)
+    embeddings, state_dict = split_embedding_tensors(model, adapter_name, state_dict, set(key_map))
+    state_dict = model.base_model.from_saved_tensors(adapter_name, state_dict)
     missing = [k for k in key_map if k not in state_dict]
     unexpected = [k for k in state_dict if k not in key_map]
     if strict and (missing or unexpected):
@@ -105,6 +117,9 @@ def set_peft_model_state_dict(
             target.copy_(value)
     if wrong_shape:
         raise ModelLoadError(f"adapter tensors have the wrong shape: {_sample(wrong_shape)}")
+    with torch.no_grad():  # full embedding matrices saved with the adapter (save_embedding_layers)
+        for own, value in embeddings.items():
+            own_tensors[own].copy_(value)
     return AdapterLoadResult(missing, unexpected)
 
 

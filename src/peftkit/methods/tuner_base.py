@@ -11,11 +11,13 @@ model" overrides a hook instead of shared code asking for its name:
 * ``on_optimizer_step``        -- after ``optimizer.step()``, before gradients are cleared
 * ``training_state`` / ``load_training_state`` -- tensors a checkpoint must keep so that a
   resumed run continues exactly (AdaLoRA's sensitivity averages)
+* ``to_saved_tensors`` / ``from_saved_tensors`` -- when the file's tensors are not a renaming of
+  the model's (soft prompts save the computed prompt table as ``prompt_embeddings``)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +27,9 @@ class TunerBase(nn.Module):
     """Wraps the user's model as ``.model``; every hook defaults to "no change"."""
 
     model: nn.Module
+    # Whether the method's layers wrap bitsandbytes-quantized linear layers correctly (QLoRA);
+    # a training job with a `quantization` section is refused for methods that leave this False.
+    supports_quantized_base: ClassVar[bool] = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -60,3 +65,17 @@ class TunerBase(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} keeps no training state, but the checkpoint has {sorted(state)}"
             )
+
+    def to_saved_tensors(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The tensors written to ``adapter_model.safetensors``, given those ``adapter_state_keys``
+        selected (under their saved names, ``base_model.`` prefix included). Default: unchanged."""
+        return tensors
+
+    def from_saved_tensors(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`to_saved_tensors`: a file's tensors under the saved names that
+        ``adapter_state_keys`` gives (before loading). Default: unchanged."""
+        return tensors

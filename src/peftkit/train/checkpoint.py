@@ -25,11 +25,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from peftkit.errors import PeftkitError
 from peftkit.io import atomic_dir, remove_stale_temporaries
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 TUNER_STATE_FILE = "tuner_state.safetensors"  # a method's own training state, when it has one
+# The trainable parameters under the model's own names. The adapter file next to it is PEFT's
+# format, which for some methods is not the training state: P-tuning saves its encoder's output,
+# not the encoder; AdaLoRA saves ranks cut to the budget.
+TRAINABLE_FILE = "trainable.safetensors"
 
 
 @dataclass
@@ -118,6 +123,8 @@ def save_checkpoint(
         model.save_pretrained(tmp / "adapter")
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file({k: v.contiguous() for k, v in _rng_tensors().items()}, str(tmp / "rng.safetensors"))
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / TRAINABLE_FILE))
         tuner_state = model.base_model.training_state()  # e.g. AdaLoRA's sensitivity averages
         if tuner_state:
             tensors_cpu = {k: v.detach().cpu().contiguous() for k, v in tuner_state.items()}
@@ -151,7 +158,10 @@ def load_checkpoint(
 
     path = Path(path)
     state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
-    set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    if (path / TRAINABLE_FILE).exists():
+        _load_trainable(model, load_file(str(path / TRAINABLE_FILE)))
+    else:  # a checkpoint written before trainable.safetensors existed
+        set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
 
     tensors = load_file(str(path / "optimizer.safetensors"))
     per_param: dict[int, dict[str, torch.Tensor]] = {}
@@ -175,3 +185,17 @@ def load_checkpoint(
     kind, keys, pos, has_gauss, cached = state.numpy_rng
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     return state
+
+
+def _load_trainable(model: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the saved trainable parameters back; the set must be exactly the model's trainable ones."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(tensors):
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise PeftkitError(
+            "the checkpoint's trainable parameters do not match this run's (was the method config changed "
+            f"before --resume?): missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
