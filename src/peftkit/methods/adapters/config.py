@@ -15,7 +15,8 @@ INITS = ("zero", "random")
 class BottleneckConfig(TargetingConfig):
     """Bottleneck adapters: ``h + up(f(down(h)))`` after sub-layers (Houlsby et al., 2019;
     Pfeiffer et al., 2021), or ``sub(x) + s * up(f(down(x)))`` beside the feed-forward block
-    (He et al., 2022). ``target_modules`` is filled in from ``attention_modules`` / ``mlp_modules``
+    (He et al., 2022); optionally without the lowest layers' adapters (AdapterDrop, Rueckle et al.,
+    2021). ``target_modules`` is filled in from ``attention_modules`` / ``mlp_modules``
     (the full names of the wrapped sub-layers) and need not be set.
     """
 
@@ -65,6 +66,22 @@ class BottleneckConfig(TargetingConfig):
             "uses the default for the model architecture. Ignored by pfeiffer and parallel."
         },
     )
+    drop_lowest_layers: int = field(
+        default=0,
+        metadata={
+            "help": "AdapterDrop (Rueckle et al., 2021): no adapters in the lowest k transformer layers (layer "
+            "index < k, counted per layer stack), in training and inference; those layers are not created. "
+            "With drop_random: the most layers a training step may skip (see there)."
+        },
+    )
+    drop_random: bool = field(
+        default=False,
+        metadata={
+            "help": "Robust AdapterDrop: adapters are created in every layer, and each training forward pass "
+            "skips those in the lowest n layers, n drawn uniformly from 0..drop_lowest_layers; in eval mode "
+            "(inference) no adapter is skipped. Needs drop_lowest_layers >= 1."
+        },
+    )
     mlp_modules: list[str] | str | None = field(
         default=None,
         metadata={
@@ -106,6 +123,13 @@ class BottleneckConfig(TargetingConfig):
         if self.adapter_type in ("houlsby", "pfeiffer") and self.scaling != 1.0:
             problems.append(
                 f"scaling={self.scaling} only applies to parallel adapters: set adapter_type: parallel or drop it"
+            )
+        drop = self.drop_lowest_layers
+        if isinstance(drop, bool) or not isinstance(drop, int) or drop < 0:
+            problems.append(f"drop_lowest_layers must be a non-negative integer, got {drop!r}")
+        elif self.drop_random and drop == 0:
+            problems.append(
+                "drop_random needs drop_lowest_layers >= 1 (the most layers a training step may skip)"
             )
         for name in ("attention_modules", "mlp_modules"):
             value = getattr(self, name)

@@ -10,6 +10,14 @@ a single projection) and adds a small two-layer network to its output.
 
 Sub-layers that return tuples (attention blocks: ``(output, weights)``) get the adapter on the
 first element; the rest is passed through. Adapter weights stay fp32 on half-precision models.
+
+:meth:`BottleneckLayer.delta` is the composable piece: "the adapter's additive output, given the
+sub-layer's output (and input)". AdapterFusion mixes several adapters' deltas with it; methods
+that combine adapters with other techniques (MAM, UniPELT) can do the same.
+
+AdapterDrop's robust variant: the model sets ``skip_below`` to a number n drawn per training
+forward pass; in training mode a layer whose ``layer_index`` < n passes the sub-layer's output
+through unchanged. In eval mode nothing is skipped.
 """
 
 from __future__ import annotations
@@ -80,6 +88,10 @@ class BottleneckLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.non_linearity: dict[str, str] = {}
         self.active_adapter: str | None = None
+        # AdapterDrop: this sub-layer's transformer layer number, and (robust variant, training
+        # mode only) the sampled number of lowest layers to skip in the current forward pass.
+        self.layer_index: int | None = None
+        self.skip_below = 0
 
     def update_layer(
         self,
@@ -113,17 +125,25 @@ class BottleneckLayer(nn.Module):
         hidden = ACTIVATIONS[self.non_linearity[adapter_name]](down(x.to(down.weight.dtype)))
         return self.adapter_up[adapter_name](hidden)
 
+    def delta(self, adapter_name: str, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """What adapter ``adapter_name`` adds to the sub-layer output ``h`` (batch, seq, hidden),
+        in the adapter's dtype: ``up(f(down(h)))``, or ``s * up(f(down(x)))`` for a parallel adapter,
+        where ``x`` is the sub-layer's input (the first tensor among ``args`` / ``kwargs``)."""
+        if self.parallel[adapter_name]:
+            return self.scaling[adapter_name] * self.adapter(adapter_name, _first_tensor(args, kwargs))
+        return self.adapter(adapter_name, h)
+
+    def skipped(self) -> bool:
+        """Whether robust AdapterDrop skips this layer's adapter in the current (training) pass."""
+        return self.training and self.layer_index is not None and self.layer_index < self.skip_below
+
     def forward(self, *args, **kwargs):
         output = self.base_layer(*args, **kwargs)
         adapter = self.active_adapter
-        if adapter is None or adapter not in self.adapter_down:
+        if adapter is None or adapter not in self.adapter_down or self.skipped():
             return output
         h = output[0] if isinstance(output, tuple) else output  # (batch, seq, hidden)
-        if self.parallel[adapter]:
-            delta = self.scaling[adapter] * self.adapter(adapter, _first_tensor(args, kwargs))
-        else:
-            delta = self.adapter(adapter, h)
-        h = (h + delta).to(h.dtype)
+        h = (h + self.delta(adapter, h, args, kwargs)).to(h.dtype)
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
     def adapter_params(self, adapter_name: str) -> dict[str, str]:
