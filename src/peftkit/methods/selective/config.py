@@ -2,7 +2,8 @@
 
 peftkit's own methods (PEFT has no equivalent, so their ``peft_type``s are peftkit's): FULL
 (every parameter), BITFIT (the bias terms, Ben Zaken et al., 2021) and PARTIAL (the top N
-transformer blocks and/or parameters matched by regex). No field here injects anything.
+transformer blocks and/or parameters matched by regex). Nothing is injected, except the zero
+biases that BitFit's ``add_missing_biases`` gives bias-free linear layers.
 """
 
 from __future__ import annotations
@@ -53,11 +54,60 @@ class FullFinetuneConfig(SelectiveConfig):
 
 @dataclass(kw_only=True)
 class BitFitConfig(SelectiveConfig):
-    """BitFit: train only the model's bias parameters (plus ``modules_to_save``); needs a model with biases."""
+    """BitFit: train only the model's bias parameters (plus ``modules_to_save``).
+
+    Llama-style models have no biases. ``add_missing_biases`` is the usual adaptation of BitFit
+    to them: each bias-free ``nn.Linear`` gets a zero bias vector (so the model's output is
+    unchanged at the start), and BitFit trains these additive vectors. That *adds* parameters
+    instead of training existing ones; the adapter file holds them, and loading it into a fresh
+    base model creates them again before the weights are loaded.
+    """
 
     peft_type: str | None = field(
         default="BITFIT", metadata={"help": "Which PEFT method this config belongs to (always BITFIT)."}
     )
+    add_missing_biases: bool = field(
+        default=False,
+        metadata={
+            "help": "Give every bias-free nn.Linear of the transformer blocks (or those missing_bias_modules "
+            "names) a zero-initialised bias, and train it with the model's own biases. Needed for models "
+            "without biases (Llama, Mistral, T5, ...); the output is unchanged until training moves them."
+        },
+    )
+    missing_bias_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Which nn.Linear modules get a bias with add_missing_biases: a list of names or name "
+            "suffixes (e.g. [q_proj, v_proj]; [lm_head] to include the output layer) or one regex matched "
+            "against the full name. null: every nn.Linear inside the transformer blocks."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.missing_bias_modules, (tuple, set, frozenset)):
+            self.missing_bias_modules = sorted(self.missing_bias_modules)
+        super().__post_init__()
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if not isinstance(self.add_missing_biases, bool):
+            problems.append(f"add_missing_biases must be true or false, got {self.add_missing_biases!r}")
+        modules = self.missing_bias_modules
+        if modules is not None and not self.add_missing_biases:
+            problems.append(
+                "missing_bias_modules is only used with add_missing_biases: set add_missing_biases: true "
+                "or remove missing_bias_modules"
+            )
+        if isinstance(modules, str):
+            try:
+                re.compile(modules)
+            except re.error as err:
+                problems.append(f"missing_bias_modules {modules!r} is not a valid regular expression ({err})")
+        elif modules is not None and (not modules or not all(isinstance(m, str) and m for m in modules)):
+            problems.append(
+                f"missing_bias_modules must be a non-empty list of module names (or a regex), got {modules!r}"
+            )
+        return problems
 
 
 @dataclass(kw_only=True)

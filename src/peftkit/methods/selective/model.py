@@ -11,6 +11,10 @@ of the parameters to train. ``adapter_state_keys`` maps those names to themselve
 ``disable_adapter()`` does) swaps the originals in and keeps the trained values aside on CPU;
 turning it on swaps them back, in place, so optimizers keep their parameters. A model holds one
 such adapter: two would need two copies of the same weights.
+
+BitFit's ``add_missing_biases`` is the one case that adds parameters: a zero bias on bias-free
+linear layers (``nn.Linear(bias=False)`` -> ``y = x W^T + b``, b starts at 0), removed again
+by ``unload()`` and detached while the adapter is off.
 """
 
 from __future__ import annotations
@@ -154,9 +158,20 @@ class FullFinetuneModel(SelectiveModel):
 
 
 class BitFitModel(SelectiveModel):
-    """Trains the bias terms (every parameter named ``bias``)."""
+    """Trains the bias terms (every parameter named ``bias``), optionally after adding zero biases.
+
+    With ``add_missing_biases`` the chosen bias-free ``nn.Linear`` layers get a zero bias first
+    (``y = x W^T + b``, b = 0: the output is unchanged). Turning the adapter off detaches these
+    biases (the layers run bias-free, exactly as the base model); ``unload()`` removes them and
+    ``merge_and_unload()`` keeps them.
+    """
 
     method_name: ClassVar[str] = "BitFit"
+
+    def __init__(self, model: nn.Module, config: BitFitConfig, adapter_name: str = "default"):
+        self._added: dict[str, nn.Linear] = {}  # module name -> the layer given a bias
+        self._detached: dict[str, nn.Parameter] = {}  # the added biases while the adapter is off
+        super().__init__(model, config, adapter_name)
 
     @classmethod
     def select_parameters(cls, model: nn.Module, config: BitFitConfig) -> list[str]:
@@ -164,15 +179,108 @@ class BitFitModel(SelectiveModel):
         if not biases:
             raise TargetModulesError(
                 f"BitFit trains bias parameters, and {type(model).__name__} has none (Llama-style models use no "
-                "biases). Use method 'partial' (e.g. train_top_n_layers: 2), 'lora' or 'full' instead."
+                "biases). Set add_missing_biases: true to train zero-initialised biases added to its linear "
+                "layers, or use method 'partial' (e.g. train_top_n_layers: 2), 'lora' or 'full' instead."
             )
         return biases
 
     @classmethod
     def targetable_modules(cls, model: nn.Module) -> list[str]:
+        """Modules with a bias, and the bias-free ``nn.Linear`` layers add_missing_biases can give one."""
         return [
-            name for name, m in model.named_modules() if isinstance(getattr(m, "bias", None), nn.Parameter)
+            name
+            for name, m in model.named_modules()
+            if isinstance(getattr(m, "bias", None), nn.Parameter) or isinstance(m, nn.Linear)
         ]
+
+    def add_adapter(self, adapter_name: str, config: BitFitConfig) -> None:
+        if config.add_missing_biases and not self.peft_config:  # a second adapter is refused below
+            self._added = add_zero_biases(self.model, config.missing_bias_modules)
+        try:
+            super().add_adapter(adapter_name, config)
+        except Exception:
+            if not self.peft_config:  # refused: leave the user's model as it was
+                for layer in self._added.values():
+                    layer.register_parameter("bias", None)
+                self._added = {}
+            raise
+
+    def _detach_added(self) -> None:
+        for name, layer in self._added.items():
+            if layer.bias is not None:
+                self._detached[name] = layer.bias
+                layer.register_parameter("bias", None)
+
+    def _attach_added(self) -> None:
+        for name, layer in self._added.items():
+            if name in self._detached:
+                layer.register_parameter("bias", self._detached.pop(name))  # the same Parameter object
+
+    def set_adapter(self, adapter_name: str | None) -> None:
+        if adapter_name in self.peft_config and self.active_adapter is None:
+            self._attach_added()  # before the base class copies the trained values back in
+        super().set_adapter(adapter_name)
+        if adapter_name is None:
+            self._detach_added()
+
+    @torch.no_grad()
+    def unload(self, merge: bool) -> nn.Module:
+        """``merge`` keeps the added biases with their trained values; otherwise they are removed."""
+        keep = merge and self.active_adapter is not None
+        self._attach_added()
+        model = super().unload(merge)
+        if not keep:
+            for layer in self._added.values():
+                layer.register_parameter("bias", None)
+        self._added, self._detached = {}, {}
+        return model
+
+
+def _matches(spec: list[str] | str, name: str) -> bool:
+    """PEFT's target_modules rule: a list matches a name or name suffix, a string is a full-match regex."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == entry or name.endswith(f".{entry}") for entry in spec)
+
+
+def add_zero_biases(model: nn.Module, modules: list[str] | str | None) -> dict[str, nn.Linear]:
+    """Give bias-free ``nn.Linear`` layers a zero bias (``out_features``, the weight's dtype/device).
+
+    ``modules`` None: every such layer inside the transformer blocks (each ``nn.ModuleList`` of
+    identical modules, so an encoder-decoder's encoder and decoder blocks both count); the output
+    layer, embeddings and heads outside the blocks keep no bias. Returns ``{name: layer}`` of the
+    layers given one.
+    """
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if modules is None:
+        block_lists = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) and len({type(child) for child in m}) == 1
+        ]
+        prefixes = tuple(f"{name}." for name in block_lists if name)
+        chosen = [name for name in linears if prefixes and name.startswith(prefixes)]
+        has_biases = any(name.rsplit(".", 1)[-1] == "bias" for name, _ in model.named_parameters())
+        if not chosen and not has_biases:
+            raise TargetModulesError(
+                f"add_missing_biases found no nn.Linear inside transformer blocks of {type(model).__name__}; "
+                f"name the layers in missing_bias_modules (its linear layers: {_sample(list(linears)) or 'none'})"
+            )
+    else:
+        chosen = [name for name in linears if _matches(modules, name)]
+        if not chosen:
+            raise TargetModulesError(
+                f"missing_bias_modules={modules!r} matches no nn.Linear of {type(model).__name__}; "
+                f"its linear layers are named like: {_sample(list(linears)) or 'none'}"
+            )
+    added = {}
+    for name in chosen:
+        layer = linears[name]
+        if layer.bias is None:
+            weight = layer.weight
+            layer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+            added[name] = layer
+    return added
 
 
 def find_blocks(model: nn.Module, layers_pattern: str | None = None) -> tuple[str, nn.ModuleList]:
