@@ -1,6 +1,6 @@
 """The shared matrix: every method × every architecture × every scenario, on tiny random models.
 
-    methods        lora, ia3, loha, lokr, oft (adapters), bottleneck (an adapter PEFT lacks)
+    methods        lora, ia3, loha, lokr, oft, boft, adalora (adapters), bottleneck (an adapter PEFT lacks)
                    and bitfit, partial, full (selective)
     architectures  Llama, BLOOM (fused qkv), GPT-2 (Conv1D), T5 / mT5 (encoder-decoder),
                    BERT / RoBERTa (sequence classification), ViT (images), a user's own MLP
@@ -15,8 +15,12 @@ are invalid by definition are skipped with their reason, not left out silently.
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,16 +45,36 @@ from peftkit.methods.selective import find_blocks
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-ADAPTERS = ("lora", "ia3", "loha", "lokr", "oft")  # inject layers; PEFT has them (the oracle for counts)
+# inject layers; PEFT has them (the oracle for counts)
+ADAPTERS = ("lora", "ia3", "loha", "lokr", "oft", "boft", "adalora")
 SELECTIVE = ("bitfit", "partial", "full")  # train the model's own parameters
-OWN_ADAPTERS = ("bottleneck",)  # inject layers; PEFT lacks them (no oracle for counts)
-METHODS = ADAPTERS + SELECTIVE + OWN_ADAPTERS
+# inject layers; PEFT lacks them (no oracle for counts). adapterdrop: bottleneck adapters without the
+# lowest layer's (a config variant, see VARIANT_OF); adapter_fusion: fuses two saved random bottleneck
+# adapters per architecture (see fusion_sources).
+OWN_ADAPTERS = ("bottleneck", "adapterdrop", "adapter_fusion")
+VARIANT_OF = {"adapterdrop": "bottleneck"}  # matrix name -> registered method whose config it uses
+# wrap attention modules (PEFT has them; nothing to merge, so not in ADAPTERS' merge tests)
+ATTENTION_ADAPTERS = ("adaption_prompt",)
+# soft prompts: virtual tokens or per-layer key/values, nothing injected (PEFT has them; P-tuning v2 is
+# PEFT's prefix tuning under another name). They change the output from the start (see the forward test).
+SOFT_PROMPTS = ("prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2")
+# a prefix (past key/values) plus injected layers; PEFT lacks them. Like soft prompts, they change the
+# output from the start (the prefix), see the forward test.
+COMPOSITE = ("mam", "unipelt")
+METHODS = ADAPTERS + SELECTIVE + OWN_ADAPTERS + ATTENTION_ADAPTERS + SOFT_PROMPTS + COMPOSITE
 PEFT_CONFIGS = {
     "lora": "LoraConfig",
     "ia3": "IA3Config",
     "loha": "LoHaConfig",
     "lokr": "LoKrConfig",
     "oft": "OFTConfig",
+    "boft": "BOFTConfig",
+    "adalora": "AdaLoraConfig",
+    "adaption_prompt": "AdaptionPromptConfig",
+    "prompt_tuning": "PromptTuningConfig",
+    "prefix_tuning": "PrefixTuningConfig",
+    "p_tuning": "PromptEncoderConfig",
+    "p_tuning_v2": "PrefixTuningConfig",
 }
 
 BUILDERS: dict[str, Callable[[], TinyCase]] = {
@@ -91,7 +115,15 @@ ADAPTER_PARAMETER = {
     "loha": ".hada_",
     "lokr": ".lokr_",
     "oft": ".oft_R.",
+    "boft": ".boft_",  # boft_R and boft_s
+    "adalora": ".lora_",  # lora_A, lora_E, lora_B (ranknum is frozen)
     "bottleneck": ".adapter_",
+    "adapterdrop": ".adapter_",
+    "adapter_fusion": ".fusion_",  # the fused adapters' .adapter_ weights stay frozen
+    "adaption_prompt": ".adaption_",
+    **{method: ".prompt_encoder." for method in SOFT_PROMPTS},
+    "mam": (".prompt_encoder.", ".adapter_"),
+    "unipelt": (".prompt_encoder.", ".prefix_gate.", ".lora_", ".adapter_"),
 }
 # Bottleneck adapters: Houlsby placement (after attention and feed-forward) where the architecture
 # has a default; the user's MLP has no attention, so one Pfeiffer adapter after each fc2.
@@ -100,11 +132,47 @@ BOTTLENECK = {"mlp": dict(adapter_type="pfeiffer", mlp_modules=["fc2"])}
 
 def skip_reason(method: str, arch: str) -> str | None:
     """Why (method, arch) is invalid by definition, or None."""
-    if method == "bitfit" and arch in ("llama", "t5", "mt5"):
-        return f"{arch} has no bias parameters: BitFit has nothing to train (refused with an error)"
+    if method in SOFT_PROMPTS + COMPOSITE and arch in ("vit", "mlp"):
+        return f"{arch} has no word embeddings: soft prompts are virtual tokens (refused with an error)"
+    if method == "mam" and arch in ("bert", "roberta"):
+        return (
+            f"{arch} splits its feed-forward block in two, so there is no block whose input a parallel adapter "
+            "could read (no default placement; refused with an error naming mlp_modules)"
+        )
+    if method == "unipelt" and arch in ("t5", "mt5"):
+        return "UniPELT's prefix gate needs one layer stack; encoder-decoder models are refused with an error"
     if method in ("loha", "lokr", "oft") and arch in CONV1D:
         return f"{method} adapts nn.Linear only; GPT-2's layers are Conv1D (PEFT refuses them too)"
+    if method == "boft" and arch in CONV1D:
+        return "boft adapts nn.Linear and nn.Conv2d only; GPT-2's layers are Conv1D (PEFT refuses them too)"
+    if method == "adaption_prompt" and arch not in ("llama", "gpt2"):
+        return (
+            f"adaption prompts support the llama, mistral and gpt2 model types only, as in PEFT; {arch} is "
+            "refused with an error naming them (tests/test_adaption_prompt.py)"
+        )
+    if method == "adapterdrop" and arch == "mlp":
+        return (
+            "AdapterDrop drops by layer number; the user's MLP has no numbered layers (refused with an error)"
+        )
     return None
+
+
+_FUSION_SOURCES: dict[str, list[str]] = {}
+
+
+def fusion_sources(arch: str) -> list[str]:
+    """Two saved bottleneck adapters with random (as if trained) weights on ``arch``, made once."""
+    if arch not in _FUSION_SOURCES:
+        root = Path(tempfile.mkdtemp(prefix=f"peftkit-fusion-{arch}-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(5)
+        for name in ("a", "b"):
+            config = make_config("bottleneck", arch, init="random")
+            peftkit.get_peft_model(BUILDERS[arch]().model, config).save_pretrained(root / name)
+        torch.random.set_rng_state(generator_state)
+        _FUSION_SOURCES[arch] = [str(root / "a"), str(root / "b")]
+    return _FUSION_SOURCES[arch]
 
 
 def config_kwargs(method: str, arch: str) -> dict[str, Any]:
@@ -119,22 +187,42 @@ def config_kwargs(method: str, arch: str) -> dict[str, Any]:
         kwargs["r"] = 4
         if method == "lora" and arch in CONV1D:
             kwargs["fan_in_fan_out"] = True
+    elif method == "adalora":  # PEFT requires total_step; the budget shrinks from 4 to 2 ranks
+        kwargs.update(target_modules=LORA_TARGETS.get(arch), init_r=4, target_r=2, total_step=10)
+        if arch in CONV1D:
+            kwargs["fan_in_fan_out"] = True
     elif method == "oft":
         kwargs["target_modules"] = LORA_TARGETS.get(arch)
         kwargs.update(r=0, oft_block_size=4)  # tiny layers: blocks of 4 features
+    elif method == "boft":  # one butterfly factor: PEFT on CPU (no CUDA extension) allows no more
+        kwargs.update(target_modules=LORA_TARGETS.get(arch), boft_block_size=4)
     elif method == "ia3":
         kwargs.update(IA3_TARGETS.get(arch, {}))
         if arch in CONV1D:
             kwargs["fan_in_fan_out"] = True
     elif method == "partial":
         kwargs["train_top_n_layers"] = 1
-    elif method == "bottleneck":
+    elif method == "bitfit" and arch in ("llama", "t5", "mt5"):  # no biases: train added zero biases
+        kwargs["add_missing_biases"] = True
+    elif method == "adaption_prompt":
+        kwargs.update(adapter_len=3, adapter_layers=1)  # the top one of two layers
+    elif method in ("bottleneck", "adapterdrop"):
         kwargs.update(bottleneck_size=4, **BOTTLENECK.get(arch, {}))
+        if method == "adapterdrop":
+            kwargs["drop_lowest_layers"] = 1  # of two: only the top layer keeps its adapters
+    elif method == "adapter_fusion":
+        kwargs["adapters"] = fusion_sources(arch)
+    elif method in SOFT_PROMPTS:
+        kwargs["num_virtual_tokens"] = 3
+    elif method in COMPOSITE:  # small prefix MLP and bottleneck for tiny models
+        kwargs.update(num_virtual_tokens=3, encoder_hidden_size=8, bottleneck_size=4)
     return kwargs
 
 
 def make_config(method: str, arch: str, **overrides: Any) -> peftkit.PeftConfig:
-    return get_method(method).config_cls(**{**config_kwargs(method, arch), **overrides})
+    return get_method(VARIANT_OF.get(method, method)).config_cls(
+        **{**config_kwargs(method, arch), **overrides}
+    )
 
 
 CASES = [
@@ -145,7 +233,7 @@ CASES = [
     for arch in BUILDERS
     for reason in [skip_reason(method, arch)]
 ]
-PEFT_CASES = [p for p in CASES if p.values[0] in ADAPTERS]
+PEFT_CASES = [p for p in CASES if p.values[0] in ADAPTERS + ATTENTION_ADAPTERS + SOFT_PROMPTS]
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -180,7 +268,9 @@ def intended_names(model: peftkit.PeftModel, method: str, arch: str) -> set[str]
         if method == "full":
             return True
         if method in ADAPTER_PARAMETER:
-            return ADAPTER_PARAMETER[method] in name or ".modules_to_save." in name
+            parts = ADAPTER_PARAMETER[method]
+            parts = (parts,) if isinstance(parts, str) else parts
+            return any(part in name for part in parts) or ".modules_to_save." in name
         if any(h in f".{name.removeprefix('base_model.model.')}" for h in heads):
             return True
         return method == "bitfit" and name.endswith(".bias")
@@ -203,9 +293,16 @@ def perturb(model: nn.Module) -> None:
 @pytest.mark.parametrize("method, arch", CASES)
 def test_forward_equals_base_at_init(method, arch):
     """Every method's default init leaves the model's function unchanged (adapters start at identity)."""
+    if method == "adapter_fusion":
+        pytest.skip("fuses already-trained adapters: it starts as their mix (tests/test_adapter_fusion.py)")
     base = BUILDERS[arch]()
     expected = run(base.model, base)
     model, case = wrap(method, arch)
+    if method in SOFT_PROMPTS + COMPOSITE:  # the prompt is the change: without it the output is the base's
+        assert not torch.allclose(run(model, case)[..., -expected.shape[-2] :, :], expected, atol=1e-4)
+        with model.disable_adapter():
+            torch.testing.assert_close(run(model, case), expected, atol=1e-6, rtol=0)
+        return
     got = run(model, case)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
@@ -269,7 +366,11 @@ def test_counts_equal_peft(method, arch):
         theirs = peft.get_peft_model(BUILDERS[arch]().model, theirs_config)
     ours, _ = wrap(method, arch)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    assert trainable_names(ours) == trainable_names(theirs)
+    names = trainable_names(ours)
+    if method in SOFT_PROMPTS:  # PEFT keeps prompt_encoder on PeftModel and base_model is the user's model
+        names = {n.replace("base_model.prompt_encoder.", "prompt_encoder.", 1) for n in names}
+        names = {n.replace("base_model.model.", "base_model.", 1) for n in names}
+    assert names == trainable_names(theirs)
 
 
 # -- default targets ------------------------------------------------------------------------------

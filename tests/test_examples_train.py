@@ -27,19 +27,40 @@ pytestmark = [
 ]
 
 
+def _train(config: dict, out: Path, steps: int) -> list[float]:
+    """Run ``config`` cut to ``steps`` steps into ``out``; return the step losses."""
+    config["output_dir"] = str(out / "run")
+    config["data"].update(max_train_examples=96, test_size=16, val_size=None)
+    config["training"].update(max_steps=steps, batch_size=8, save_every=None, eval_every=None, warmup_steps=2)
+    config["evaluation"] = {"accuracy_before": False, "accuracy_after": False}
+    job = out / "job.yaml"
+    job.write_text(yaml.safe_dump(config))
+    assert main(["train", str(job), "--no-progress"]) == 0
+    return [json.loads(line)["loss"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_fused_adapters(config: dict, tmp_path: Path) -> None:
+    """AdapterFusion fuses adapters that other examples write (its ``adapters`` are their output
+    directories): train each of those examples briefly here and point the fusion at the results."""
+    section = config.get("adapter_fusion")
+    if not section:
+        return
+    by_output = {yaml.safe_load(p.read_text())["output_dir"]: p for p in EXAMPLES}
+    trained = []
+    for i, source in enumerate(section["adapters"]):
+        example = by_output[str(Path(source).parent)]  # e.g. runs/tweet-sentiment-houlsby/adapter
+        out = tmp_path / f"fused-{i}"
+        out.mkdir()
+        _train(yaml.safe_load(example.read_text()), out, steps=3)
+        trained.append(str(out / "run" / "adapter"))
+    section["adapters"] = trained
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_config_trains_on_the_embedded_model(path, tmp_path):
     config = yaml.safe_load(path.read_text())
-    config["output_dir"] = str(tmp_path / "run")
-    config["data"].update(max_train_examples=96, test_size=16, val_size=None)
-    config["training"].update(max_steps=12, batch_size=8, save_every=None, eval_every=None, warmup_steps=2)
-    config["evaluation"] = {"accuracy_before": False, "accuracy_after": False}
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(config))
-    assert main(["train", str(job), "--no-progress"]) == 0
-    losses = [
-        json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+    _train_fused_adapters(config, tmp_path)
+    losses = _train(config, tmp_path, steps=12)
     assert len(losses) == 12
     assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:2]) / 2, losses
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())

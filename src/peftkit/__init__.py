@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 
 # Public names that need torch, imported on first use so that ``import peftkit`` stays fast.
 _LAZY_EXPORTS = {
+    "AdaLoraConfig": "peftkit.methods.adalora",
+    "AdaptionPromptConfig": "peftkit.methods.adaption_prompt",
     "BottleneckConfig": "peftkit.methods.adapters",
     "BitFitConfig": "peftkit.methods.selective",
     "FullFinetuneConfig": "peftkit.methods.selective",
@@ -16,18 +18,30 @@ _LAZY_EXPORTS = {
     "LoHaConfig": "peftkit.methods.loha",
     "LoKrConfig": "peftkit.methods.lokr",
     "OFTConfig": "peftkit.methods.oft",
+    "BOFTConfig": "peftkit.methods.boft",
     "IA3Config": "peftkit.methods.ia3",
     "LoraConfig": "peftkit.methods.lora",
+    "PromptTuningConfig": "peftkit.methods.prompt_tuning",
+    "PrefixTuningConfig": "peftkit.methods.prefix_tuning",
+    "PromptEncoderConfig": "peftkit.methods.p_tuning",
+    "PTuningV2Config": "peftkit.methods.p_tuning_v2",
+    "MAMConfig": "peftkit.methods.mam",
+    "UniPELTConfig": "peftkit.methods.unipelt",
     "PeftConfig": "peftkit.methods.base",
     "TaskType": "peftkit.methods.base",
     "PeftModel": "peftkit.peft_model",
     "PeftModelForCausalLM": "peftkit.peft_model",
     "get_peft_model": "peftkit.peft_model",
+    "QuantizationConfig": "peftkit.quantization",
+    "prepare_model_for_kbit_training": "peftkit.quantization",
     "get_peft_model_state_dict": "peftkit.serialization",
     "set_peft_model_state_dict": "peftkit.serialization",
 }
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaptionPromptConfig",
+    "BOFTConfig",
     "BottleneckConfig",
     "LoHaConfig",
     "LoKrConfig",
@@ -37,26 +51,44 @@ __all__ = [
     "PartialFinetuneConfig",
     "IA3Config",
     "LoraConfig",
+    "PromptTuningConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PTuningV2Config",
+    "MAMConfig",
+    "UniPELTConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "TaskType",
     "__version__",
     "get_peft_model",
+    "QuantizationConfig",
+    "prepare_model_for_kbit_training",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
 ]
 
 if TYPE_CHECKING:
+    from peftkit.methods.adalora import AdaLoraConfig
     from peftkit.methods.adapters import BottleneckConfig
+    from peftkit.methods.adaption_prompt import AdaptionPromptConfig
     from peftkit.methods.base import PeftConfig, TaskType
+    from peftkit.methods.boft import BOFTConfig
     from peftkit.methods.ia3 import IA3Config
     from peftkit.methods.loha import LoHaConfig
     from peftkit.methods.lokr import LoKrConfig
     from peftkit.methods.lora import LoraConfig
+    from peftkit.methods.mam import MAMConfig
     from peftkit.methods.oft import OFTConfig
+    from peftkit.methods.p_tuning import PromptEncoderConfig
+    from peftkit.methods.p_tuning_v2 import PTuningV2Config
+    from peftkit.methods.prefix_tuning import PrefixTuningConfig
+    from peftkit.methods.prompt_tuning import PromptTuningConfig
     from peftkit.methods.selective import BitFitConfig, FullFinetuneConfig, PartialFinetuneConfig
+    from peftkit.methods.unipelt import UniPELTConfig
     from peftkit.peft_model import PeftModel, PeftModelForCausalLM, get_peft_model
+    from peftkit.quantization import QuantizationConfig, prepare_model_for_kbit_training
     from peftkit.serialization import get_peft_model_state_dict, set_peft_model_state_dict
 
 

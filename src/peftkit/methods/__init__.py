@@ -112,4 +112,22 @@ __all__ = [
 ]
 
 # Built-in methods register themselves on import.
-from peftkit.methods import adapters, ia3, loha, lokr, lora, oft, selective  # noqa: E402, F401
+from peftkit.methods import (  # noqa: E402, F401
+    adalora,
+    adapter_fusion,
+    adapters,
+    adaption_prompt,
+    boft,
+    ia3,
+    loha,
+    lokr,
+    lora,
+    mam,
+    oft,
+    p_tuning,
+    p_tuning_v2,
+    prefix_tuning,
+    prompt_tuning,
+    selective,
+    unipelt,
+)
