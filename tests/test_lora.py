@@ -596,3 +596,15 @@ def test_twenty_or_more_suffix_targets_are_accepted(tiny_llama):
     model = get_peft_model(tiny_llama, LoraConfig(r=2, target_modules=suffixes))
     wrapped = [name for name, module in model.named_modules() if isinstance(module, LoraLinear)]
     assert len(wrapped) == 2 * len(LLAMA_LINEARS)
+
+
+def test_missing_local_adapter_directory_is_named_without_asking_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise AssertionError("a local path must not be looked up on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    missing = tmp_path / "runs" / "job" / "adapter"
+    with pytest.raises(ModelLoadError, match="no adapter directory at"):
+        PeftModel.from_pretrained(make_tiny_llama(), str(missing))

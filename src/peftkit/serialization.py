@@ -164,6 +164,10 @@ def resolve_adapter_dir(model_id: str | os.PathLike, revision: str | None = None
     path = Path(model_id)
     if path.is_dir():
         return path
+    text = str(model_id)
+    if text.count("/") > 1 or text.startswith((".", "/", "~")) or os.sep != "/" and os.sep in text:
+        # Hub ids are "name" or "owner/name": anything longer is a local path that is not there.
+        raise ModelLoadError(f"no adapter directory at {text!r} (resolved: {path.expanduser().resolve()})")
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
