@@ -14,6 +14,7 @@ from peftkit.methods.lora.conv import CONV_TYPES, LoraConv
 from peftkit.methods.lora.embedding import LoraEmbedding
 from peftkit.methods.lora.layer import LoraLinear
 from peftkit.methods.lora.trainable_tokens import wrap_trainable_tokens
+from peftkit.methods.lora.weighted import add_weighted_adapter
 from peftkit.methods.targeting import is_linear_like
 from peftkit.methods.tuner import InjectedAdapterModel
 
@@ -116,3 +117,9 @@ class LoraModel(InjectedAdapterModel):
                 lora_targets={n for n, m in self.model.named_modules() if isinstance(m, LORA_LAYER_TYPES)},
             )
             self.set_adapter(self.active_adapter)
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs
+    ) -> None:
+        """Add ``adapter_name`` combining ``adapters`` (PEFT's options; see ``weighted.py``)."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
