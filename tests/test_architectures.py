@@ -398,10 +398,32 @@ def test_default_targets_match_peft(method, arch):
 
 @pytest.mark.parametrize("method", ADAPTERS)
 def test_merge_refuses_nan_weights(method):
-    """Folding a diverged adapter into the base weights is refused with an error that says why."""
+    """Folding a diverged adapter into the base weights is refused with an error that names the layer,
+    and atomically: a NaN in the LAST adapted layer leaves every earlier layer unmerged too."""
     model, _ = wrap(method, "llama")
-    trainable = [p for p in model.parameters() if p.requires_grad and p.dim() > 0]
+    perturb(model)  # so that merging the healthy layers would change their weights
+    last_name, last_layer = model.base_model.adapter_modules()[-1]
+    trainable = [p for p in last_layer.parameters() if p.requires_grad and p.dim() > 0]
     with torch.no_grad():
-        trainable[0].view(-1)[0] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf"):
-        model.merge_and_unload()
+        trainable[-1].view(-1)[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN or inf") as raised:
+        model.merge_and_unload(safe_merge=True)
+    assert last_name in str(raised.value)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k].nan_to_num(), after[k].nan_to_num())]
+    assert not changed, f"merging changed {changed[:3]} before it failed"
+
+
+@pytest.mark.parametrize("method, arch", [c for c in CASES if c.values[0] in ADAPTERS + SELECTIVE])
+def test_merged_model_equals_adapter(method, arch):
+    """merge_and_unload (fp32) gives a plain model computing what the model with the adapter computed
+    (selective methods keep their trained values)."""
+    model, case = wrap(method, arch)
+    perturb(model)
+    model.eval()
+    expected = run(model, case)
+    merged = model.merge_and_unload(safe_merge=True)
+    assert not any(isinstance(m, peftkit.methods.base.AdapterModule) for m in merged.modules())
+    torch.testing.assert_close(run(merged, case), expected, atol=1e-4, rtol=1e-4)

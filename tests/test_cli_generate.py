@@ -126,7 +126,7 @@ def test_adapter_supplies_the_base_model(peftkit_cli, model_dir, tmp_path, monke
 
     class FakePeftModel:  # stands in for peftkit.PeftModel: records how it is called
         @staticmethod
-        def from_pretrained(model, adapter_dir):
+        def from_pretrained(model, adapter_dir, **kwargs):
             applied.append((type(model).__name__, adapter_dir))
             return model
 

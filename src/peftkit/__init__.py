@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 _LAZY_EXPORTS = {
     "AdaLoraConfig": "peftkit.methods.adalora",
     "AdaptionPromptConfig": "peftkit.methods.adaption_prompt",
+    "AutoPeftModel": "peftkit.auto",
+    "AutoPeftModelForCausalLM": "peftkit.auto",
     "BottleneckConfig": "peftkit.methods.adapters",
     "BitFitConfig": "peftkit.methods.selective",
     "FullFinetuneConfig": "peftkit.methods.selective",
@@ -41,6 +43,8 @@ _LAZY_EXPORTS = {
 __all__ = [
     "AdaLoraConfig",
     "AdaptionPromptConfig",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
     "BOFTConfig",
     "BottleneckConfig",
     "LoHaConfig",
@@ -70,6 +74,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from peftkit.auto import AutoPeftModel, AutoPeftModelForCausalLM
     from peftkit.methods.adalora import AdaLoraConfig
     from peftkit.methods.adapters import BottleneckConfig
     from peftkit.methods.adaption_prompt import AdaptionPromptConfig

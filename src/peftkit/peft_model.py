@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,6 +70,25 @@ class PeftModel(nn.Module):
         return self.base_model.active_adapter
 
     @property
+    def active_adapters(self) -> list[str]:
+        """The active adapter as a list (PEFT's name; peftkit activates at most one)."""
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``; if it was active, the first remaining adapter becomes active."""
+        delete = getattr(self.base_model, "delete_adapter", None)
+        if delete is None:
+            raise PeftkitError(f"{type(self.base_model).__name__} cannot delete adapters")
+        was_active = adapter_name == self.active_adapter
+        delete(adapter_name)
+        if was_active and self.active_adapter is not None:
+            warnings.warn(
+                f"deleted the active adapter {adapter_name!r}; {self.active_adapter!r} is now active",
+                stacklevel=2,
+            )
+        self._update_trainable()
+
+    @property
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapter]
 
@@ -84,6 +104,40 @@ class PeftModel(nn.Module):
                 f"cannot add a {spec.peft_type} adapter to a model holding {type(self.base_model).__name__} adapters"
             )
         self.base_model.add_adapter(adapter_name, peft_config)
+        self._update_trainable()  # the new adapter's parameters are created trainable
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of LoRA ``adapters`` (PEFT's method, same
+        options; see ``methods/lora/weighted.py``). The new adapter is not made active."""
+        combine = getattr(self.base_model, "add_weighted_adapter", None)
+        if combine is None:
+            raise PeftkitError(
+                f"only LoRA adapters can be combined; this model holds {type(self.base_model).__name__} adapters"
+            )
+        combine(
+            adapters,
+            weights,
+            adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver,
+            density=density,
+            majority_sign_method=majority_sign_method,
+        )
         self._update_trainable()  # the new adapter's parameters are created trainable
 
     def set_adapter(self, adapter_name: str) -> None:
@@ -197,8 +251,26 @@ class PeftModel(nn.Module):
 
     # -- unloading -----------------------------------------------------------------------------
 
-    def merge_and_unload(self) -> nn.Module:
-        """Fold the active adapter into the base weights; return the plain model (this wrapper is spent)."""
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Fold the active adapter (or each of ``adapter_names``, in turn) into the base weights;
+        return the plain model (this wrapper is spent).
+
+        Merging is all-or-nothing: if any layer's update holds NaN/inf the error names the layer
+        and no weight is changed. ``safe_merge`` (PEFT's option) also checks the merged weights
+        themselves are finite. ``progressbar`` is accepted for PEFT compatibility and ignored.
+        """
+        if self.base_model.merge_options:
+            names = None if adapter_names is None else list(adapter_names)
+            return self.base_model.unload(merge=True, safe_merge=safe_merge, adapter_names=names)
+        # Methods that keep trained values or cannot merge: nothing is computed, so safe_merge has
+        # nothing to check; only the active adapter can be kept.
+        if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
+            raise PeftkitError(
+                f"{type(self.base_model).__name__} merges only the active adapter; "
+                "set_adapter(name) first, then merge_and_unload()"
+            )
         return self.base_model.unload(merge=True)
 
     def unload(self) -> nn.Module:

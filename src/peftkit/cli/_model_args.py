@@ -90,16 +90,12 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
         base, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
     if args.adapter:
-        from peftkit import PeftModel  # imported late: only adapter users pay for it
-        from peftkit.models import ensure_pad_token
-        from peftkit.saved_embeddings import adapter_tokenizer
+        from peftkit.auto import apply_saved_adapter  # imported late: only adapter users pay for it
 
         # The tokenizer saved with the adapter knows tokens training added (the base grows to fit).
-        saved_tokenizer = adapter_tokenizer(args.adapter, model, trust_remote_code=args.trust_remote_code)
-        if saved_tokenizer is not None and len(saved_tokenizer) != len(tokenizer):
-            tokenizer = saved_tokenizer
-            ensure_pad_token(tokenizer)
-        model = PeftModel.from_pretrained(model, args.adapter)
+        model, tokenizer = apply_saved_adapter(
+            model, tokenizer, args.adapter, trust_remote_code=args.trust_remote_code
+        )
     from peftkit.models import resolve_device
 
     model.to(resolve_device(args.device))
@@ -107,8 +103,8 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def adapter_base_model(adapter_dir: str | Path) -> str:
-    """The ``base_model_name_or_path`` recorded in an adapter directory."""
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of an adapter directory, as a dict."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise ModelLoadError(
@@ -116,9 +112,18 @@ def adapter_base_model(adapter_dir: str | Path) -> str:
             "(the output_dir of `peftkit train`)"
         )
     try:
-        base = json.loads(path.read_text()).get("base_model_name_or_path")
+        config = json.loads(path.read_text())
     except ValueError as err:
         raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return config
+
+
+def adapter_base_model(adapter_dir: str | Path) -> str:
+    """The ``base_model_name_or_path`` recorded in an adapter directory."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(f"{path} does not record base_model_name_or_path; pass --base-model explicitly")
     return str(base)

@@ -15,6 +15,8 @@ COMMANDS = {
     "generate": "peftkit.cli.generate",
     "chat": "peftkit.cli.chat",
     "inspect": "peftkit.cli.inspect",
+    "combine": "peftkit.cli.combine",
+    "merge": "peftkit.cli.merge",
 }
 
 

@@ -18,6 +18,7 @@ from typing import ClassVar
 from torch import nn
 
 from peftkit.methods.base import AdapterModule, TargetingConfig
+from peftkit.methods.merging import unwrap_atomically
 from peftkit.methods.modules_to_save import find_modules_to_save, wrap_modules_to_save
 from peftkit.methods.targeting import (
     inject_adapter,
@@ -33,6 +34,7 @@ class InjectedAdapterModel(TunerBase):
 
     method_name: ClassVar[str] = "this method"  # for error messages only
     default_target_modules: ClassVar[dict[str, list[str]]] = {}
+    merge_options: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, config: TargetingConfig, adapter_name: str = "default"):
         super().__init__()
@@ -120,6 +122,28 @@ class InjectedAdapterModel(TunerBase):
         for _, module in self.adapter_modules():
             module.active_adapter = adapter_name
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` from every layer; if it was active, the first remaining adapter
+        becomes active (PEFT's rule), or none when it was the last.
+
+        Layers keep each adapter's state in containers keyed by its name (``lora_A["default"]``,
+        ``scaling["default"]``), so removing those entries removes the adapter, whatever the method.
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {', '.join(self.peft_config)}")
+        del self.peft_config[adapter_name]
+        for _, layer in self.adapter_modules():
+            for module in layer.modules():
+                for attr, value in list(vars(module).items()) + list(module._modules.items()):
+                    if attr.startswith("_") or not isinstance(value, (dict, nn.ModuleDict, nn.ParameterDict)):
+                        continue
+                    if adapter_name in value:
+                        del value[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.set_adapter(next(iter(self.peft_config), None))
+        else:
+            self.set_adapter(self.active_adapter)
+
     def adapter_state_keys(self, adapter_name: str) -> dict[str, str]:
         keys = {}
         for name, module in self.adapter_modules():
@@ -128,8 +152,22 @@ class InjectedAdapterModel(TunerBase):
         keys.update({name: name for name in self.extra_trainable_names(adapter_name)})
         return keys
 
-    def unload(self, merge: bool) -> nn.Module:
-        for name, module in self.adapter_modules():
-            replace_module(self, name, module.unwrap(merge))
+    def unload(
+        self, merge: bool, *, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Put the plain layers back; with ``merge`` all-or-nothing (see ``unwrap_atomically``)."""
+        if adapter_names is not None:
+            unknown = [n for n in adapter_names if n not in self.peft_config]
+            if unknown:
+                raise ValueError(f"no adapter(s) named {unknown}; adapters: {', '.join(self.peft_config)}")
+        unwrapped = unwrap_atomically(
+            self.adapter_modules(),
+            merge=merge,
+            adapter_names=adapter_names,
+            all_adapters=list(self.peft_config),
+            safe_merge=safe_merge,
+        )
+        for name, module in unwrapped:
+            replace_module(self, name, module)
         self.peft_config.clear()
         return self.model

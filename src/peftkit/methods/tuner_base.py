@@ -30,6 +30,9 @@ class TunerBase(nn.Module):
     # Whether the method's layers wrap bitsandbytes-quantized linear layers correctly (QLoRA);
     # a training job with a `quantization` section is refused for methods that leave this False.
     supports_quantized_base: ClassVar[bool] = False
+    # Whether ``unload(merge=True, ...)`` takes PEFT's ``safe_merge`` and ``adapter_names``; methods
+    # that merge only the active adapter (or cannot merge at all) leave this False.
+    merge_options: ClassVar[bool] = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

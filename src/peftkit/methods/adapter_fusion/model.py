@@ -63,6 +63,7 @@ def _read_bottleneck(source: str, drop: int) -> tuple[BottleneckConfig, dict[str
 
 
 class AdapterFusionModel(InjectedAdapterModel):
+    merge_options = False  # cannot merge: unload(merge=True) raises
     """Fuses saved bottleneck adapters; one set of fused adapters per model."""
 
     method_name: ClassVar[str] = "AdapterFusion"

@@ -71,6 +71,7 @@ def _candidates(model: nn.Module) -> str:
 
 
 class BottleneckModel(InjectedAdapterModel):
+    merge_options = False  # cannot merge: unload(merge=True) raises
     """Wraps the chosen sub-layers in :class:`BottleneckLayer` s."""
 
     method_name: ClassVar[str] = "bottleneck adapters"

@@ -1,0 +1,96 @@
+"""``peftkit merge``: fold an adapter into its base model and save a standalone model directory.
+
+    ADAPTER_DIR ──(base model it records, grown to the adapter's tokenizer)──> PeftModel (fp32)
+        └─ merge_and_unload(safe_merge) ──> plain model ──cast to --dtype──> OUT_DIR
+                                                  config.json, generation_config.json,
+                                                  model.safetensors, tokenizer + chat template
+
+The result loads with transformers alone (``AutoModelForCausalLM.from_pretrained(OUT_DIR)``).
+Merging happens in fp32 whatever ``--dtype`` is, so the cast rounds once, at the end. The
+directory is written atomically: a failed or interrupted merge leaves no partial ``OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from peftkit.configuration import ConfigError
+
+HELP = "Merge an adapter into its base model and save a standalone transformers model directory."
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "adapter_dir", metavar="ADAPTER_DIR", help="adapter directory saved by `peftkit train`"
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the merged model")
+    parser.add_argument(
+        "--base-model",
+        metavar="NAME_OR_DIR",
+        help="base model (alias, local directory or hub id); default: the one ADAPTER_DIR records",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights (default: fp32)"
+    )
+    parser.add_argument(
+        "--safe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check every merged weight is finite before writing any (default: on)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model repository's own Python code to run (only for repositories you trust)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUT_DIR {out} exists and is not a directory", "command line")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(
+            f"OUT_DIR {out} is not empty; pass --overwrite to replace it, or choose another directory",
+            "command line",
+        )
+    merge_adapter(
+        args.adapter_dir,
+        out,
+        base_model=args.base_model,
+        dtype=DTYPES[args.dtype],
+        safe_merge=args.safe,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(f"merged model written to {out}")
+    return 0
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    dtype: str = "float32",
+    safe_merge: bool = True,
+    trust_remote_code: bool = False,
+) -> None:
+    """Write ``adapter_dir``'s adapter merged into its base model to ``out_dir`` (replaced if present)."""
+    from peftkit.auto import load_adapter_with_base
+    from peftkit.io import atomic_dir
+    from peftkit.models import parse_dtype
+
+    peft_model, tokenizer = load_adapter_with_base(
+        adapter_dir, base_model=base_model, task=None, dtype="float32", trust_remote_code=trust_remote_code
+    )
+    model = peft_model.merge_and_unload(safe_merge=safe_merge)
+    model.to(parse_dtype(dtype))
+    model.config.dtype = parse_dtype(dtype)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
