@@ -169,9 +169,11 @@ class PeftModel(nn.Module):
     # -- running -------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.base_model.refuse_adapter_names(kwargs)  # transformers would silently drop it
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        self.base_model.refuse_adapter_names(kwargs)
         return self.base_model.generate(*args, **kwargs)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -376,6 +378,7 @@ class PeftModelForCausalLM(PeftModel):
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
+        self.base_model.refuse_adapter_names(kwargs)
         return self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -34,6 +34,16 @@ class TunerBase(nn.Module):
     # that merge only the active adapter (or cannot merge at all) leave this False.
     merge_options: ClassVar[bool] = False
 
+    # Whether ``forward`` / ``generate`` take ``adapter_names`` (one adapter per batch row, LoRA).
+    supports_mixed_batches: ClassVar[bool] = False
+
+    def refuse_adapter_names(self, kwargs: dict[str, Any]) -> None:
+        if "adapter_names" in kwargs and not self.supports_mixed_batches:
+            raise ValueError(
+                f"{type(self).__name__} does not support adapter_names (mixed-adapter batches are LoRA "
+                "only): run each adapter's rows separately with set_adapter()"
+            )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 

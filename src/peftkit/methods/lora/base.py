@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from torch import nn
 
 from peftkit.methods.layers import WrappedLayer
+
+if TYPE_CHECKING:
+    from peftkit.methods.lora.mixed_batch import RowAdapters
+
+BASE = "__base__"  # PEFT's adapter name for "no adapter on this row" in mixed-adapter batches
 
 
 class LoraLayerBase(WrappedLayer):
     """A frozen ``base_layer`` plus named low-rank adapters (an ``AdapterModule``).
 
     Subclasses create their adapter weights in ``update_layer`` after calling
-    :meth:`set_rank`, and name their two feature sizes in ``feature_names`` for ``repr``.
+    :meth:`set_rank`, name their two feature sizes in ``feature_names`` for ``repr``, and
+    implement :meth:`has_adapter` and :meth:`adapter_output` (the shared ``forward`` uses them).
     """
 
     feature_names: ClassVar[tuple[str, str]] = ("in_features", "out_features")
+    # Set only for one call by ``mixed_batch`` (mixed_batch.py): one adapter name per batch row.
+    row_adapters: RowAdapters | None = None
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int):
         super().__init__(base_layer)
@@ -33,6 +42,33 @@ class LoraLayerBase(WrappedLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``result`` (the base layer's output for ``x``) with adapter ``adapter_name`` applied."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self.mixed_batch_forward(x, result)
+        adapter = self.active_adapter
+        if adapter is None or not self.has_adapter(adapter):
+            return result
+        return self.adapter_output(x, result, adapter)
+
+    def mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each row of the batch with its own adapter (``__base__``, or one this layer lacks: none)."""
+        names = self.row_adapters.for_batch(len(x))
+        output = result.clone()
+        for adapter in dict.fromkeys(names):
+            if adapter == BASE or not self.has_adapter(adapter):
+                continue
+            rows = torch.tensor([i for i, name in enumerate(names) if name == adapter], device=x.device)
+            output[rows] = self.adapter_output(x[rows], result[rows], adapter)
+        return output
 
     def adapter_note(self, adapter_name: str) -> str:
         """Extra per-adapter text for ``repr`` (e.g. ", dora")."""

@@ -85,11 +85,10 @@ class LoraConv(LoraLayerBase):
                 norm = self.dora_norm(adapter_name)
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(factory["dtype"]))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        adapter = self.active_adapter
-        if adapter is None or adapter not in self.lora_A:
-            return result
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_A
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter: str) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
         x = x.to(lora_A.weight.dtype)
         dropout, scaling = self.lora_dropout[adapter], self.scaling[adapter]

@@ -60,11 +60,10 @@ class LoraEmbedding(LoraLayerBase):
                 norm = embedding_weight_norm(weight.float(), self.delta_weight(adapter_name))
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(factory["dtype"]))
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        adapter = self.active_adapter
-        if adapter is None or adapter not in self.lora_embedding_A:
-            return result
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_embedding_A
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter: str) -> torch.Tensor:
         base = self.base_layer
         after_a = F.embedding(  # (..., r)
             x,

@@ -102,11 +102,10 @@ class LoraLinear(LoraLayerBase):
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[adapter_name].weight)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        adapter = self.active_adapter
-        if adapter is None or adapter not in self.lora_A:
-            return result
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_A
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter: str) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
         result_dtype = result.dtype
         if not torch.is_autocast_enabled(x.device.type):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -13,6 +13,7 @@ from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.conv import CONV_TYPES, LoraConv
 from peftkit.methods.lora.embedding import LoraEmbedding
 from peftkit.methods.lora.layer import LoraLinear
+from peftkit.methods.lora.mixed_batch import mixed_batch, validate_adapter_names
 from peftkit.methods.lora.trainable_tokens import wrap_trainable_tokens
 from peftkit.methods.lora.weighted import add_weighted_adapter
 from peftkit.methods.targeting import is_linear_like
@@ -72,8 +73,25 @@ class LoraModel(InjectedAdapterModel):
 
     method_name: ClassVar[str] = "LoRA"
     supports_quantized_base: ClassVar[bool] = True  # bitsandbytes 4-/8-bit linear bases, see bnb.py
+    supports_mixed_batches: ClassVar[bool] = True  # adapter_names=[...] per row, see mixed_batch.py
     default_target_modules: ClassVar[dict[str, list[str]]] = LORA_DEFAULT_TARGET_MODULES
     peft_config: dict[str, LoraConfig]
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        names = validate_adapter_names(self, adapter_names, args, kwargs)
+        with mixed_batch(self.model, names, expandable=False):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """With ``adapter_names``: one adapter per prompt; the rows that beam search or
+        ``num_return_sequences`` make from a prompt use that prompt's adapter."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        names = validate_adapter_names(self, adapter_names, args, kwargs)
+        with mixed_batch(self.model, names, expandable=True):
+            return self.model.generate(*args, **kwargs)
 
     @classmethod
     def is_supported(cls, module: nn.Module) -> bool:
