@@ -92,8 +92,15 @@ class PeftConfig:
     PEFT_KEYS_SWITCHED_BY: ClassVar[dict[str, str]] = {}
     # PEFT bookkeeping keys that never change behaviour; read and dropped.
     PEFT_INFORMATIONAL_KEYS: ClassVar[tuple[str, ...]] = ("peft_version", "auto_mapping", "runtime_config")
+    # Fields holding module names or indices: a tuple or set given in Python is stored as a list
+    # (sets sorted), so configs compare, serialize and print the same whatever the caller passed.
+    NAME_LIST_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        for name in self.NAME_LIST_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, (tuple, set, frozenset)):
+                setattr(self, name, sorted(value) if isinstance(value, (set, frozenset)) else list(value))
         if isinstance(self.peft_type, str):
             self.peft_type = self.peft_type.upper()
         if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
@@ -228,6 +235,14 @@ class TargetingConfig(PeftConfig):
     Matching follows PEFT exactly so that configs mean the same thing in both libraries.
     """
 
+    NAME_LIST_FIELDS: ClassVar[tuple[str, ...]] = (
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+    )
+
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
@@ -262,19 +277,6 @@ class TargetingConfig(PeftConfig):
             "matched by name suffix."
         },
     )
-
-    def __post_init__(self) -> None:
-        for name in (
-            "target_modules",
-            "exclude_modules",
-            "layers_to_transform",
-            "layers_pattern",
-            "modules_to_save",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, (tuple, set, frozenset)):
-                setattr(self, name, sorted(value) if isinstance(value, (set, frozenset)) else list(value))
-        super().__post_init__()
 
     def validate(self) -> list[str]:
         problems = super().validate()

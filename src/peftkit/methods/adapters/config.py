@@ -20,6 +20,8 @@ class BottleneckConfig(TargetingConfig):
     (the full names of the wrapped sub-layers) and need not be set.
     """
 
+    NAME_LIST_FIELDS = TargetingConfig.NAME_LIST_FIELDS + ("attention_modules", "mlp_modules")
+
     peft_type: str | None = field(
         default="BOTTLENECK",
         metadata={"help": "Which PEFT method this config belongs to (always BOTTLENECK)."},
@@ -90,13 +92,6 @@ class BottleneckConfig(TargetingConfig):
             "attention_modules; null uses the default for the model architecture."
         },
     )
-
-    def __post_init__(self) -> None:
-        for name in ("attention_modules", "mlp_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (tuple, set, frozenset)):
-                setattr(self, name, sorted(value) if isinstance(value, (set, frozenset)) else list(value))
-        super().__post_init__()
 
     @property
     def parallel(self) -> bool:

@@ -21,6 +21,8 @@ def _covers(target: str, feedforward: str) -> bool:
 class IA3Config(TargetingConfig):
     """(IA)³ (Liu et al., 2022): learned vectors rescale activations, ``l ⊙ (W x)`` or ``W (l ⊙ x)``."""
 
+    NAME_LIST_FIELDS = TargetingConfig.NAME_LIST_FIELDS + ("feedforward_modules",)
+
     peft_type: str | None = field(
         default="IA3", metadata={"help": "Which PEFT method this config belongs to (always IA3)."}
     )
@@ -47,12 +49,6 @@ class IA3Config(TargetingConfig):
             "false: random vectors (for tests only)."
         },
     )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.feedforward_modules, (tuple, set, frozenset)):
-            value = self.feedforward_modules
-            self.feedforward_modules = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-        super().__post_init__()
 
     def validate(self) -> list[str]:
         problems = super().validate()

@@ -38,6 +38,8 @@ class MAMConfig(PrefixTuningConfig):
     """Mix-And-Match adapter (He et al., 2022): prefix tuning at every attention layer plus a scaled
     parallel adapter beside every feed-forward block, ``ffn(x) + s * up(relu(down(x)))``."""
 
+    NAME_LIST_FIELDS = PrefixTuningConfig.NAME_LIST_FIELDS + ("mlp_modules",)
+
     peft_type: str | None = field(
         default="MAM", metadata={"help": "Which PEFT method this config belongs to (always MAM)."}
     )
@@ -83,12 +85,6 @@ class MAMConfig(PrefixTuningConfig):
             "for the full name; null uses the bottleneck adapters' parallel default for the architecture."
         },
     )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.mlp_modules, (tuple, set, frozenset)):
-            value = self.mlp_modules
-            self.mlp_modules = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-        super().__post_init__()
 
     def validate(self) -> list[str]:
         problems = super().validate() + bottleneck_problems(self)

@@ -24,6 +24,8 @@ def _positive_int(value: object) -> bool:
 class UniPELTConfig(PrefixTuningConfig):
     """UniPELT (Mao et al., 2022): gated LoRA + gated prefix tuning + gated sequential adapter."""
 
+    NAME_LIST_FIELDS = PrefixTuningConfig.NAME_LIST_FIELDS + ("target_modules", "mlp_modules")
+
     peft_type: str | None = field(
         default="UNIPELT", metadata={"help": "Which PEFT method this config belongs to (always UNIPELT)."}
     )
@@ -78,13 +80,6 @@ class UniPELTConfig(PrefixTuningConfig):
             "the bottleneck adapters' sequential (pfeiffer) default for the architecture, e.g. [mlp]."
         },
     )
-
-    def __post_init__(self) -> None:
-        for name in ("target_modules", "mlp_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (tuple, set, frozenset)):
-                setattr(self, name, sorted(value) if isinstance(value, (set, frozenset)) else list(value))
-        super().__post_init__()
 
     def validate(self) -> list[str]:
         problems = super().validate()
