@@ -76,11 +76,10 @@ class AdaLoraLinear(LoraLayerBase):
             nn.init.normal_(self.lora_A[adapter_name], mean=0.0, std=0.02)
             nn.init.normal_(self.lora_B[adapter_name], mean=0.0, std=0.02)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        adapter = self.active_adapter
-        if adapter is None or adapter not in self.lora_A:
-            return result
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_A
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter: str) -> torch.Tensor:
         lora_A, lora_B, lora_E = self.lora_A[adapter], self.lora_B[adapter], self.lora_E[adapter]
         ranknum = self.ranknum[adapter] + 1e-5
         if not torch.is_autocast_enabled(x.device.type):
@@ -131,11 +130,7 @@ class AdaLoraConv2d(AdaLoraLinear):
         kernel_h, kernel_w = base_layer.kernel_size
         self.a_columns = self.in_features * kernel_h * kernel_w
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        adapter = self.active_adapter
-        if adapter is None or adapter not in self.lora_A:
-            return result
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter: str) -> torch.Tensor:
         lora_A, lora_B, lora_E = self.lora_A[adapter], self.lora_B[adapter], self.lora_E[adapter]
         ranknum = self.ranknum[adapter] + 1e-5
         if not torch.is_autocast_enabled(x.device.type):
