@@ -23,6 +23,12 @@ import torch
 from torch import nn
 
 
+def check_adapter_name(adapter_name: Any) -> None:
+    """Adapter names become state-dict path segments: non-empty strings without a '.'."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
+
+
 class TunerBase(nn.Module):
     """Wraps the user's model as ``.model``; every hook defaults to "no change"."""
 
@@ -43,6 +49,12 @@ class TunerBase(nn.Module):
                 f"{type(self).__name__} does not support adapter_names (mixed-adapter batches are LoRA "
                 "only): run each adapter's rows separately with set_adapter()"
             )
+
+    def check_new_adapter_name(self, adapter_name: Any) -> None:
+        """``adapter_name`` is valid and not taken (``add_adapter`` calls this before changing anything)."""
+        check_adapter_name(adapter_name)
+        if adapter_name in getattr(self, "peft_config", {}):
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

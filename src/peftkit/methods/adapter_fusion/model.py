@@ -83,10 +83,7 @@ class AdapterFusionModel(InjectedAdapterModel):
         return [m for m in self.model.modules() if isinstance(m, FusionLayer)]
 
     def add_adapter(self, adapter_name: str, config: AdapterFusionConfig) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name")
+        self.check_new_adapter_name(adapter_name)
         if config.modules_to_save:
             find_modules_to_save(self.model, config.modules_to_save)  # fail before changing the model
         sources = [_recorded_path(a) for a in config.adapters]

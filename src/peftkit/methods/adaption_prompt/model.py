@@ -68,10 +68,7 @@ class AdaptionPromptModel(TunerBase):
     # -- adapters ----------------------------------------------------------------------------------
 
     def add_adapter(self, adapter_name: str, config: AdaptionPromptConfig) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name")
+        self.check_new_adapter_name(adapter_name)
         layout = _layout(self.model)
         config = dataclasses.replace(config, target_modules=config.target_modules or layout.target_modules)
         active = self.active_adapter

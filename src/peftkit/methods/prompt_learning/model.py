@@ -96,10 +96,7 @@ class PromptLearningModel(TunerBase):
         return [name for name, module in model.named_modules() if module is embeddings][:1]
 
     def add_adapter(self, adapter_name: str, config: PromptLearningConfig) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        self.check_new_adapter_name(adapter_name)
         if not isinstance(config, self.config_cls):
             raise TypeError(
                 f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}"

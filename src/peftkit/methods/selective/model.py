@@ -33,7 +33,7 @@ from peftkit.methods.selective.config import (
     PartialFinetuneConfig,
     SelectiveConfig,
 )
-from peftkit.methods.tuner_base import TunerBase
+from peftkit.methods.tuner_base import TunerBase, check_adapter_name
 
 
 def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
@@ -90,8 +90,7 @@ class SelectiveModel(TunerBase):
         return dict(self.model.named_parameters())
 
     def add_adapter(self, adapter_name: str, config: SelectiveConfig) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}")
+        check_adapter_name(adapter_name)
         if self.peft_config:
             raise PeftkitError(
                 f"{self.method_name} trains the model's own weights, so a model holds one such adapter "
