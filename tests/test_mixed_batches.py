@@ -42,6 +42,20 @@ CASES = {
         {"target_modules": ["embed_tokens", "q_proj"], "r": 4},
         {"target_modules": ["embed_tokens", "v_proj"], "r": 2, "lora_alpha": 4},
     ),
+    # a trained copy of lm_head per adapter: each row's logits come from its adapter's copy
+    "llama_modules_to_save": (
+        make_tiny_llama,
+        400,
+        {"target_modules": ["q_proj"], "r": 4, "modules_to_save": ["lm_head"]},
+        {"target_modules": ["v_proj"], "r": 2, "modules_to_save": ["lm_head"]},
+    ),
+    # trained embedding rows per adapter ("two" trains other rows than "one")
+    "llama_trainable_tokens": (
+        make_tiny_llama,
+        400,
+        {"target_modules": ["q_proj"], "r": 4, "trainable_token_indices": [5, 9, 11]},
+        {"target_modules": ["v_proj"], "r": 2, "trainable_token_indices": [7, 9]},
+    ),
 }
 
 
@@ -55,6 +69,10 @@ def _build(case: str):
     model = get_peft_model(builder(), LoraConfig(**_lora(**kwargs_a)), adapter_name="one")
     torch.manual_seed(1)
     model.add_adapter("two", LoraConfig(**_lora(**kwargs_b)))
+    with torch.no_grad():  # trained copies / rows start equal to the base: make each adapter's differ
+        for name, param in model.named_parameters():
+            if "modules_to_save." in name or "trainable_tokens_delta." in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
     return model.eval(), builder, vocab
 
 
@@ -184,12 +202,6 @@ def test_errors():
     model.add_adapter("d", LoraConfig(**_lora(target_modules=["q_proj"], use_dora=True)))
     with pytest.raises(ValueError, match="DoRA"):
         model(input_ids=ids, adapter_names=["one", "d", "two", "one"])
-
-    kept = get_peft_model(
-        make_tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"])
-    )
-    with pytest.raises(ValueError, match="LoRA layers only"):
-        kept.eval()(input_ids=ids, adapter_names=["default"] * 4)
 
 
 def test_other_methods_refuse_adapter_names():

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,9 +21,30 @@ from torch import nn
 from peftkit.errors import TargetModulesError
 from peftkit.methods.targeting import module_suffixes, replace_module
 
+BASE = "__base__"  # PEFT's adapter name for "no adapter on this row" in mixed-adapter batches
+
+
+def forward_by_row_adapter(
+    x: torch.Tensor, names: list[str], run: Callable[[str | None, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Mixed-adapter batches for modules that replace the computation per adapter: run each
+    adapter's rows of ``x`` together (``run(None, rows)`` for ``__base__``) and put every row's
+    output back in its place."""
+    output: torch.Tensor | None = None
+    for adapter in dict.fromkeys(names):
+        rows = torch.tensor([i for i, name in enumerate(names) if name == adapter], device=x.device)
+        result = run(None if adapter == BASE else adapter, x[rows])
+        if output is None:
+            output = result.new_empty((len(names), *result.shape[1:]))
+        output[rows] = result
+    return output
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Keeps the original module frozen and a trainable copy per adapter (an ``AdapterModule``)."""
+
+    # Set (to a ``RowAdapters``) only inside a mixed-adapter call: one adapter per batch row.
+    row_adapters: Any = None
 
     def __init__(self, module: nn.Module, adapter_name: str):
         super().__init__()
@@ -34,12 +57,22 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
 
     def active_module(self) -> nn.Module:
-        if self.active_adapter is None or self.active_adapter not in self.modules_to_save:
-            return self.original_module
-        return self.modules_to_save[self.active_adapter]
+        return self.module_for(self.active_adapter)
 
     def forward(self, *args, **kwargs):
+        if self.row_adapters is not None:
+            names = self.row_adapters.for_batch(len(args[0]))
+            return forward_by_row_adapter(
+                args[0], names, lambda a, x: self.module_for(a)(x, *args[1:], **kwargs)
+            )
         return self.active_module()(*args, **kwargs)
+
+    def module_for(self, adapter_name: str | None) -> nn.Module:
+        """The copy that adapter ``adapter_name`` trained (the original for ``None`` or an adapter
+        that has no copy here)."""
+        if adapter_name is None or adapter_name not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[adapter_name]
 
     # Explicit delegation: code that reads ``model.lm_head.weight`` (weight tying, resizing,
     # dtype checks) sees the weights the forward pass uses.

@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from peftkit.methods.layers import WrappedLayer
+from peftkit.methods.modules_to_save import BASE
 
 if TYPE_CHECKING:
     from peftkit.methods.lora.mixed_batch import RowAdapters
-
-BASE = "__base__"  # PEFT's adapter name for "no adapter on this row" in mixed-adapter batches
 
 
 class LoraLayerBase(WrappedLayer):

@@ -8,11 +8,13 @@
     row 3 ─┘                  └─ base + LoRA "a"
 
 Every row gets exactly what it would get run alone with that adapter active. As in PEFT 0.21,
-this is for inference only (eval mode), and refused for DoRA adapters and when the model holds
-adapter state that is not a LoRA layer (``modules_to_save``, ``trainable_token_indices``).
+this is for inference only (eval mode), and refused for DoRA adapters. ``modules_to_save`` copies
+(e.g. a classifier head) and ``trainable_token_indices`` rows follow each row's adapter too.
 
-:func:`mixed_batch` sets ``row_adapters`` on every LoRA layer for one call and always clears
-it again; each layer then splits its batch by adapter (``LoraLayerBase.mixed_batch_forward``).
+:func:`mixed_batch` sets ``row_adapters`` on every layer that has that attribute (LoRA layers,
+``ModulesToSaveWrapper``, ``TrainableTokensWrapper``) for one call and always clears it again;
+each layer then splits its batch by adapter (``LoraLayerBase.mixed_batch_forward``,
+``modules_to_save.forward_by_row_adapter``).
 In ``generate`` the batch may grow (beam search, ``num_return_sequences``): HF repeats each row
 k times in place, so the names are repeated the same way, decided per layer call from the
 batch it sees (an encoder still sees the original rows).
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from peftkit.methods.base import AdapterModule
-from peftkit.methods.lora.base import BASE, LoraLayerBase
+from peftkit.methods.modules_to_save import BASE
 
 
 class RowAdapters:
@@ -70,13 +72,13 @@ def validate_adapter_names(model: Any, adapter_names: Any, args: tuple, kwargs: 
     others = [
         f"{name} ({type(module).__name__})"
         for name, module in model.model.named_modules()
-        if isinstance(module, AdapterModule) and not isinstance(module, LoraLayerBase)
+        if isinstance(module, AdapterModule) and not hasattr(module, "row_adapters")
     ]
     if others:
         raise ValueError(
-            "adapter_names supports LoRA layers only, but the model also holds "
-            f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''} (modules_to_save / "
-            "trainable_token_indices): run each adapter's rows separately"
+            "adapter_names supports LoRA layers, modules_to_save and trainable tokens only, but the model "
+            f"also holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}: run each adapter's "
+            "rows separately"
         )
     inputs = kwargs.get("input_ids", args[0] if args else None)
     if inputs is None:
@@ -91,9 +93,9 @@ def validate_adapter_names(model: Any, adapter_names: Any, args: tuple, kwargs: 
 
 @contextmanager
 def mixed_batch(model: nn.Module, names: list[str], expandable: bool) -> Iterator[None]:
-    """Make every LoRA layer of ``model`` use ``names`` row by row inside the block."""
+    """Make every layer of ``model`` that can split its batch use ``names`` row by row inside the block."""
     rows = RowAdapters(names, expandable)
-    layers = [m for m in model.modules() if isinstance(m, LoraLayerBase)]
+    layers = [m for m in model.modules() if isinstance(m, AdapterModule) and hasattr(m, "row_adapters")]
     try:
         for layer in layers:
             layer.row_adapters = rows

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import TargetModulesError
 from peftkit.methods.layers import adapter_dtype
-from peftkit.methods.modules_to_save import ModulesToSaveWrapper
+from peftkit.methods.modules_to_save import ModulesToSaveWrapper, forward_by_row_adapter
 from peftkit.methods.targeting import replace_module
 
 
@@ -101,6 +101,7 @@ class TrainableTokensWrapper(nn.Module):
         super().__init__()
         self.token_adapter = TrainableTokensLayer(module, tied_to.token_adapter if tied_to else None)
         self.active_adapter: str | None = None
+        self.row_adapters = None  # a ``RowAdapters`` inside a mixed-adapter call only
 
     @property
     def weight(self) -> torch.Tensor:
@@ -108,6 +109,9 @@ class TrainableTokensWrapper(nn.Module):
         return self.token_adapter.merged_weight(self.active_adapter)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:
+            names = self.row_adapters.for_batch(len(x))
+            return forward_by_row_adapter(x, names, lambda adapter, rows: self.token_adapter(rows, adapter))
         return self.token_adapter(x, self.active_adapter)
 
     def adapter_params(self, adapter_name: str) -> dict[str, str]:
