@@ -104,9 +104,13 @@ def generate_completions(
     eos_token_id: int | list[int] | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool | None = None,
+    adapter_names: Sequence[str] | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Complete each token-id prompt; return only the new text, decoded and stripped.
+
+    ``adapter_names`` (LoRA mixed-adapter batches): the adapter for each prompt, ``"__base__"``
+    for none; they travel with their prompts through the length sorting.
 
     Greedy unless ``generate_kwargs`` say otherwise (e.g. ``do_sample=True, temperature=0.7``;
     a ``streamer`` works with ``batch_size=1``). Prompts are sorted by length so that batches
@@ -122,6 +126,10 @@ def generate_completions(
     if not kwargs["do_sample"]:
         # Unset sampling knobs a model's generation_config may carry; greedy ignores them anyway.
         kwargs.update({"temperature": None, "top_p": None, "top_k": None})
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(
+            f"got {len(adapter_names)} adapter names for {len(prompts)} prompts: give one per prompt"
+        )
     device = _device_of(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results = [""] * len(prompts)
@@ -130,6 +138,8 @@ def generate_completions(
             rows = [list(prompts[i]) for i in batch]
             input_ids = _pad(rows, pad, left=True).to(device)  # (batch, longest prompt)
             attention_mask = _pad([[1] * len(r) for r in rows], 0, left=True).to(device)
+            if adapter_names is not None:
+                kwargs["adapter_names"] = [adapter_names[i] for i in batch]
             output = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -18,7 +18,9 @@ from peftkit.errors import ModelLoadError
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, several_adapters: bool = False) -> None:
+    """``several_adapters``: ``--adapter`` may repeat (a list, see ``cli/_adapters.py``) and
+    ``--use-adapter`` picks the one to use by default."""
     from peftkit.model_aliases import ALIASES
     from peftkit.models import DTYPE_CHOICES
 
@@ -29,7 +31,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"built-in alias ({', '.join(sorted(ALIASES))}), local model directory or hub id; "
         f"defaults to the base model recorded in --adapter's {ADAPTER_CONFIG}",
     )
-    group.add_argument("--adapter", metavar="DIR", help="adapter directory saved by `peftkit train`")
+    if several_adapters:
+        group.add_argument(
+            "--adapter",
+            action="append",
+            metavar="[NAME=]DIR",
+            help="adapter directory saved by `peftkit train` (or PEFT); repeat to load several onto one "
+            "base model, each under NAME (default: the directory's name; for OUTPUT_DIR/adapter, "
+            "OUTPUT_DIR's). All must record the same base model, method and vocabulary",
+        )
+        group.add_argument(
+            "--use-adapter",
+            metavar="NAME",
+            help="adapter to use by default (default: the first --adapter); __base__ = none",
+        )
+    else:
+        group.add_argument("--adapter", metavar="DIR", help="adapter directory saved by `peftkit train`")
     group.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="float32", help="weights dtype (default: float32)"
     )

@@ -4,7 +4,10 @@ Reads one user message per line from stdin, so it works both interactively and w
 input (``printf 'hi\\n/reset\\nbye\\n' | peftkit chat ...``). Replies go to stdout, one per
 turn; notices go to stderr, so stdout stays a clean transcript of replies.
 
-Commands: ``/reset`` forgets the conversation, ``/exit`` (or end of input) quits.
+Commands: ``/reset`` forgets the conversation, ``/exit`` (or end of input) quits. With adapters
+(``--adapter [NAME=]DIR``, repeatable): ``/adapter`` lists them, ``/adapter NAME`` switches to
+one, ``/base`` (= ``/adapter __base__``) turns them off; the conversation is kept across switches,
+so one adapter can continue what another started.
 """
 
 from __future__ import annotations
@@ -13,22 +16,32 @@ import argparse
 import sys
 from typing import Any
 
+from peftkit.cli._adapters import (
+    BASE,
+    adapter_specs,
+    check_adapter_name,
+    load_model_with_adapters,
+    using_adapter,
+)
 from peftkit.cli._model_args import (
     add_model_arguments,
     add_sampling_arguments,
     encode_chat,
     has_chat_template,
-    load_model_from_args,
     sampling_kwargs,
 )
+from peftkit.configuration import ConfigError
 from peftkit.errors import ModelLoadError
 
-HELP = "Chat with a model (and optional adapter) interactively; /reset clears history, /exit quits."
+HELP = (
+    "Chat with a model (and optional adapters) interactively; /reset clears history, /adapter [NAME] "
+    "lists or switches adapters, /base turns them off, /exit quits."
+)
 EXIT_COMMANDS = {"/exit", "/quit"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, several_adapters=True)
     add_sampling_arguments(parser)
     parser.add_argument("--system", metavar="TEXT", help="system message that starts every conversation")
     parser.add_argument(
@@ -40,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
     generate_kwargs = sampling_kwargs(args)
-    model, tokenizer = load_model_from_args(args)
+    loaded = [name for name, _ in adapter_specs(args.adapter)]
+    adapter = check_adapter_name(args.use_adapter or (loaded[0] if loaded else BASE), loaded, "--use-adapter")
+    model, tokenizer, _ = load_model_with_adapters(args)
     if not has_chat_template(tokenizer):
         raise ModelLoadError(
             "the tokenizer has no chat template, so it cannot format a conversation; "
@@ -50,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message; /reset clears the conversation, /exit quits.", file=sys.stderr)
+        if loaded:
+            print(
+                f"Adapter: {adapter}; /adapter lists and switches adapters, /base turns them off.",
+                file=sys.stderr,
+            )
     history: list[dict[str, str]] = []
     while True:
         line = _read_line(interactive)
@@ -62,10 +82,31 @@ def run(args: argparse.Namespace) -> int:
             history.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
+        command = message.split(" ", 1)[0]
+        if command in ("/adapter", "/base"):
+            adapter = _switch_adapter(adapter, "/adapter __base__" if command == "/base" else message, loaded)
+            continue
         history.append({"role": "user", "content": message})
         prompt_ids = _fit_context(model, tokenizer, args.system, history, args.max_new_tokens)
-        reply = _reply(model, tokenizer, prompt_ids, args, generate_kwargs)
+        with using_adapter(model, adapter):
+            reply = _reply(model, tokenizer, prompt_ids, args, generate_kwargs)
         history.append({"role": "assistant", "content": reply})
+
+
+def _switch_adapter(current: str, command: str, loaded: list[str]) -> str:
+    """The adapter after ``/adapter [NAME]`` (no NAME: list them, keep ``current``); notices to stderr."""
+    name = command.partition(" ")[2].strip()
+    if not name:
+        for option in [*loaded, BASE]:
+            print(f"{'*' if option == current else ' '} {option}", file=sys.stderr)
+        return current
+    try:
+        name = check_adapter_name(name, loaded, command)
+    except ConfigError as err:
+        print(f"({err.problems[0]})", file=sys.stderr)
+        return current
+    print(f"(adapter: {name}{' = no adapter' if name == BASE else ''}; history kept)", file=sys.stderr)
+    return name
 
 
 def _read_line(interactive: bool) -> str | None:
