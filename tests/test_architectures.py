@@ -97,7 +97,8 @@ TASK_TYPES = {
     "bert": "SEQ_CLS",
     "roberta": "SEQ_CLS",
 }
-# Randomly initialised classifier heads: trained in full next to every method but "full".
+# Randomly initialised classifier heads: trained in full next to every method but "full" (named in
+# modules_to_save where no task type does it: BERT / RoBERTa's SEQ_CLS adds the head by default, as in PEFT).
 HEADS = {"bert": ["classifier"], "roberta": ["classifier"], "vit": ["classifier"], "mlp": ["head"]}
 
 # Targets where PEFT has no default: ViT and the user's MLP.
@@ -180,7 +181,7 @@ def config_kwargs(method: str, arch: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if arch in TASK_TYPES:
         kwargs["task_type"] = TASK_TYPES[arch]
-    if method != "full" and arch in HEADS:
+    if method != "full" and arch in HEADS and arch not in TASK_TYPES:  # a SEQ_CLS task trains its head itself
         kwargs["modules_to_save"] = HEADS[arch]
     if method in ("lora", "loha", "lokr"):
         kwargs["target_modules"] = LORA_TARGETS.get(arch)  # None: the architecture's default

@@ -13,6 +13,11 @@ _LAZY_EXPORTS = {
     "AdaptionPromptConfig": "peftkit.methods.adaption_prompt",
     "AutoPeftModel": "peftkit.auto",
     "AutoPeftModelForCausalLM": "peftkit.auto",
+    "AutoPeftModelForSeq2SeqLM": "peftkit.auto",
+    "AutoPeftModelForSequenceClassification": "peftkit.auto",
+    "AutoPeftModelForTokenClassification": "peftkit.auto",
+    "AutoPeftModelForQuestionAnswering": "peftkit.auto",
+    "AutoPeftModelForFeatureExtraction": "peftkit.auto",
     "BottleneckConfig": "peftkit.methods.adapters",
     "BitFitConfig": "peftkit.methods.selective",
     "FullFinetuneConfig": "peftkit.methods.selective",
@@ -32,7 +37,12 @@ _LAZY_EXPORTS = {
     "PeftConfig": "peftkit.methods.base",
     "TaskType": "peftkit.methods.base",
     "PeftModel": "peftkit.peft_model",
-    "PeftModelForCausalLM": "peftkit.peft_model",
+    "PeftModelForCausalLM": "peftkit.task_models",
+    "PeftModelForSeq2SeqLM": "peftkit.task_models",
+    "PeftModelForSequenceClassification": "peftkit.task_models",
+    "PeftModelForTokenClassification": "peftkit.task_models",
+    "PeftModelForQuestionAnswering": "peftkit.task_models",
+    "PeftModelForFeatureExtraction": "peftkit.task_models",
     "get_peft_model": "peftkit.peft_model",
     "QuantizationConfig": "peftkit.quantization",
     "prepare_model_for_kbit_training": "peftkit.quantization",
@@ -45,6 +55,11 @@ __all__ = [
     "AdaptionPromptConfig",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForFeatureExtraction",
     "BOFTConfig",
     "BottleneckConfig",
     "LoHaConfig",
@@ -64,6 +79,11 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForFeatureExtraction",
     "TaskType",
     "__version__",
     "get_peft_model",
@@ -74,7 +94,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from peftkit.auto import AutoPeftModel, AutoPeftModelForCausalLM
+    from peftkit.auto import (
+        AutoPeftModel,
+        AutoPeftModelForCausalLM,
+        AutoPeftModelForFeatureExtraction,
+        AutoPeftModelForQuestionAnswering,
+        AutoPeftModelForSeq2SeqLM,
+        AutoPeftModelForSequenceClassification,
+        AutoPeftModelForTokenClassification,
+    )
     from peftkit.methods.adalora import AdaLoraConfig
     from peftkit.methods.adapters import BottleneckConfig
     from peftkit.methods.adaption_prompt import AdaptionPromptConfig
@@ -92,9 +120,17 @@ if TYPE_CHECKING:
     from peftkit.methods.prompt_tuning import PromptTuningConfig
     from peftkit.methods.selective import BitFitConfig, FullFinetuneConfig, PartialFinetuneConfig
     from peftkit.methods.unipelt import UniPELTConfig
-    from peftkit.peft_model import PeftModel, PeftModelForCausalLM, get_peft_model
+    from peftkit.peft_model import PeftModel, get_peft_model
     from peftkit.quantization import QuantizationConfig, prepare_model_for_kbit_training
     from peftkit.serialization import get_peft_model_state_dict, set_peft_model_state_dict
+    from peftkit.task_models import (
+        PeftModelForCausalLM,
+        PeftModelForFeatureExtraction,
+        PeftModelForQuestionAnswering,
+        PeftModelForSeq2SeqLM,
+        PeftModelForSequenceClassification,
+        PeftModelForTokenClassification,
+    )
 
 
 def __getattr__(name: str) -> Any:

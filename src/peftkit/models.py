@@ -24,6 +24,7 @@ TASKS = {
     "causal_lm": "AutoModelForCausalLM",
     "seq_cls": "AutoModelForSequenceClassification",
     "token_cls": "AutoModelForTokenClassification",
+    "question_ans": "AutoModelForQuestionAnswering",
     "seq2seq_lm": "AutoModelForSeq2SeqLM",
 }
 """Task name -> transformers auto class that builds the model with the right head."""

@@ -24,7 +24,8 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.methods import get_method
-from peftkit.methods.base import AdapterModule, PeftConfig, TaskType, TunerModel
+from peftkit.methods.base import AdapterModule, PeftConfig, TunerModel
+from peftkit.methods.merging import refuse_while_merged
 from peftkit.quantization import logical_numel
 from peftkit.saved_embeddings import check_saved_vocabulary
 from peftkit.serialization import (
@@ -121,6 +122,7 @@ class PeftModel(nn.Module):
     ) -> None:
         """Add ``adapter_name``, a weighted combination of LoRA ``adapters`` (PEFT's method, same
         options; see ``methods/lora/weighted.py``). The new adapter is not made active."""
+        refuse_while_merged(self.merged_adapters, "add_weighted_adapter")
         combine = getattr(self.base_model, "add_weighted_adapter", None)
         if combine is None:
             raise PeftkitError(
@@ -147,13 +149,20 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model without any adapter inside the block (e.g. a DPO reference pass)."""
-        active = self.active_adapter
+        """Run the base model without any adapter inside the block (e.g. a DPO reference pass).
+
+        While merged (``merge_adapter``) the exact base weights are put back for the block and
+        the same adapters merged again after it."""
+        active, merged = self.active_adapter, self.merged_adapters
+        if merged:
+            self.unmerge_adapter()
         self.base_model.set_adapter(None)
         try:
             yield
         finally:
             self.base_model.set_adapter(active)
+            if merged:
+                self.base_model.merge_adapter(merged)
 
     def _update_trainable(self) -> None:
         """Freeze everything, then unfreeze the active adapter's parameters (PEFT's rule)."""
@@ -251,7 +260,46 @@ class PeftModel(nn.Module):
     def disable_input_require_grads(self) -> None:
         self.get_base_model().disable_input_require_grads()
 
-    # -- unloading -----------------------------------------------------------------------------
+    # -- merging and unloading -----------------------------------------------------------------
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters ``merge_adapter`` folded into the weights, in order (PEFT's name)."""
+        return list(getattr(self.base_model, "merged_adapters", []))
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the active adapter (or each of ``adapter_names``, in turn) into the base weights
+        in place, keeping the adapter so that :meth:`unmerge_adapter` restores the base weights
+        bit-exactly (from a CPU copy; PEFT subtracts, with rounding error). Forward then runs
+        the plain layers at the base model's speed.
+
+        All-or-nothing as ``merge_and_unload``; a bitsandbytes-quantized layer is refused (merging
+        it would dequantize it: use ``merge_and_unload()``). Methods whose trained values are the
+        weights (full, bitfit, partial) only record the merge. While merged, ``set_adapter``
+        unmerges first (with a warning), ``disable_adapter()`` still gives the base model, and
+        adding/deleting/combining adapters or mixed batches are refused until ``unmerge_adapter()``.
+        """
+        self._merge_hook("merge_adapter")(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Undo :meth:`merge_adapter`: the base weights exactly as before, the adapter active again."""
+        self._merge_hook("unmerge_adapter")()
+
+    def _merge_hook(self, name: str) -> Any:
+        hook = getattr(self.base_model, name, None)
+        if hook is None:
+            method = getattr(self.base_model, "method_name", type(self.base_model).__name__)
+            raise PeftkitError(
+                f"{method} cannot be merged into the model's weights ({name}): the adapter is not a change to "
+                "the weights of existing layers -- soft prompts and prefixes add virtual tokens or attention "
+                "key/value positions, adaption prompts add attention to learned tokens -- so there is nothing "
+                "to fold in. Keep the adapter active to use it, or unload() to get the base model back."
+            )
+        return hook
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
@@ -262,6 +310,7 @@ class PeftModel(nn.Module):
         Merging is all-or-nothing: if any layer's update holds NaN/inf the error names the layer
         and no weight is changed. ``safe_merge`` (PEFT's option) also checks the merged weights
         themselves are finite. ``progressbar`` is accepted for PEFT compatibility and ignored.
+        After ``merge_adapter`` the merged weights are kept as they are (not merged twice).
         """
         if self.base_model.merge_options:
             names = None if adapter_names is None else list(adapter_names)
@@ -276,7 +325,8 @@ class PeftModel(nn.Module):
         return self.base_model.unload(merge=True)
 
     def unload(self) -> nn.Module:
-        """Remove the adapter layers without merging; return the plain model."""
+        """Remove the adapter layers without merging (after ``merge_adapter``: the base weights
+        are restored first); return the plain model."""
         return self.base_model.unload(merge=False)
 
     # -- saving and loading --------------------------------------------------------------------
@@ -337,15 +387,20 @@ class PeftModel(nn.Module):
         """Wrap ``model`` with the adapter saved in ``model_id`` (a directory or Hub repo id).
 
         Reads only safetensors. Called on ``PeftModel`` it returns the class for the saved
-        ``task_type`` (``PeftModelForCausalLM`` for CAUSAL_LM). Without ``is_trainable`` the
-        adapter is frozen and the model put in eval mode.
+        ``task_type`` (``PeftModelForCausalLM`` for CAUSAL_LM, ...: see ``peftkit.task_models``).
+        Without ``is_trainable`` the adapter is frozen and the model put in eval mode.
         """
         directory = resolve_adapter_dir(model_id, revision)
         config = config if config is not None else PeftConfig.from_pretrained(directory)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         weights = load_adapter_weights(directory)  # before injecting: fail early on a missing/pickle file
         check_saved_vocabulary(model, weights)  # a resized vocabulary needs a resized base model
-        model_cls = TASK_MODEL_CLASSES.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        if cls is PeftModel:
+            from peftkit.task_models import model_class_for  # it imports this module
+
+            model_cls = model_class_for(config.task_type)
+        else:
+            model_cls = cls
         peft_model = model_cls(model, config, adapter_name)
         set_peft_model_state_dict(peft_model, weights, adapter_name)
         if not is_trainable:
@@ -367,40 +422,23 @@ class PeftModel(nn.Module):
         set_peft_model_state_dict(self, weights, adapter_name)
 
 
-class PeftModelForCausalLM(PeftModel):
-    """A ``PeftModel`` for decoder-only language models (``TaskType.CAUSAL_LM``)."""
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        self.base_model.refuse_adapter_names(kwargs)
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            **kwargs,
-        )
-
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
-
-
-# The PeftModel class for each task type; task types not listed use PeftModel itself.
-TASK_MODEL_CLASSES: dict[TaskType, type[PeftModel]] = {TaskType.CAUSAL_LM: PeftModelForCausalLM}
-
-
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Inject the adapter described by ``peft_config`` into ``model`` (in place) and wrap it.
 
     ``peft_config`` itself is not modified; the model's copy records the base model's name
     (a ``base_model_name_or_path`` set in the config wins over the path the model was loaded from).
     """
+    from peftkit.task_models import model_class_for  # it imports this module
+
     config = dataclasses.replace(peft_config)
     config.base_model_name_or_path = config.base_model_name_or_path or _model_name(model)
-    return TASK_MODEL_CLASSES.get(config.task_type, PeftModel)(model, config, adapter_name)
+    return model_class_for(config.task_type)(model, config, adapter_name)
+
+
+def __getattr__(name: str) -> Any:
+    """The task classes moved to :mod:`peftkit.task_models`; their old import path still works."""
+    if name in ("PeftModelForCausalLM", "TASK_MODEL_CLASSES"):
+        from peftkit import task_models
+
+        return getattr(task_models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -126,6 +126,22 @@ class PeftConfig:
             problems.append(f"task_type must be one of {valid} (or null), got {self.task_type!r}")
         return problems
 
+    def with_modules_to_save(self, names: list[str]) -> PeftConfig:
+        """This config with the modules ``names`` also trained in full and saved with the adapter.
+
+        The task model classes call it for a fresh classification head (PEFT's rule: the names
+        are appended to ``modules_to_save`` of every config that has that field). Names already
+        listed are not repeated; a config without the field is returned unchanged. A method that
+        trains the head some other way overrides this (full fine-tuning trains it already).
+        """
+        if "modules_to_save" not in {f.name for f in dataclasses.fields(self)}:
+            return self
+        current = list(self.modules_to_save or [])
+        missing = [name for name in names if name not in current]
+        if not missing:
+            return self
+        return dataclasses.replace(self, modules_to_save=current + missing)
+
     # -- reading and writing -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

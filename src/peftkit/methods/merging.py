@@ -1,7 +1,16 @@
-"""Shared pieces of folding an adapter into its base layer's weights."""
+"""Shared pieces of folding an adapter into its base layer's weights.
+
+Two ways to merge, both all-or-nothing (a snapshot of the base tensors is written back on any error):
+
+    merge_and_unload():  layer ──unwrap(True)──> plain module put back; the wrapper is gone
+    merge_adapter():     layer ──unwrap(True)──> base_layer holds W'; the wrapper stays, off
+                         (active_adapter None: forward = base_layer(x) = W' x)
+    unmerge_adapter():   snapshot ──copy_──> base_layer (bit-exact W), wrapper back on
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,6 +18,10 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
+from peftkit.methods.modules_to_save import ModulesToSaveWrapper
+
+# (tensor of the model, its CPU copy) for every base tensor a merge may change
+Snapshot = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def require_finite(update: torch.Tensor, adapter: str) -> torch.Tensor:
@@ -65,9 +78,7 @@ def unwrap_atomically(
                     )
                 unwrapped = result
             if safe_merge:
-                for pname, param in unwrapped.named_parameters():
-                    if param.is_floating_point() and not torch.isfinite(param).all():
-                        raise ValueError(f"merging gives NaN or inf in {pname} (e.g. an fp16 overflow)")
+                check_finite(unwrapped)
             results.append((current, unwrapped))
     except (ValueError, PeftkitError) as err:
         _restore(saved)
@@ -96,3 +107,88 @@ def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for tensor, copy in saved:
             tensor.copy_(copy.to(tensor.device))
+
+
+def merged_in_place_layers(modules: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The layers ``merge_adapter`` folds into their base weights: all but ``modules_to_save`` copies.
+
+    A ``ModulesToSaveWrapper``'s adapter is a whole trained copy of the module, not an update to
+    the original, so there is nothing to fold in: while merged it keeps running the active
+    adapter's copy (merging means "compute what the adapter computed").
+    """
+    return [(name, module) for name, module in modules if not isinstance(module, ModulesToSaveWrapper)]
+
+
+def merge_in_place(
+    modules: list[tuple[str, Any]],
+    adapter_names: list[str],
+    *,
+    all_adapters: Sequence[str],
+    safe_merge: bool = False,
+) -> Snapshot:
+    """Fold ``adapter_names`` (one after another) into every layer's base weights, keeping the layers.
+
+    Each layer's ``unwrap(True)`` must merge in place, i.e. return the very module its
+    ``unwrap(False)`` returns -- the module the layer runs when its ``active_adapter`` is None.
+    Afterwards every layer is switched off (``active_adapter = None``), so its forward runs only
+    the base layer, which now holds the merged weights. Returns the snapshot taken before (CPU
+    copies of every base tensor), which ``unmerge`` writes back for a bit-exact restore. On any
+    error (NaN/inf, a layer that cannot merge in place) the snapshot is written back and every
+    layer's ``active_adapter`` restored before the error -- naming the layer -- is raised.
+    """
+    layers = merged_in_place_layers(modules)
+    saved = _snapshot(layers, list(all_adapters))
+    active = [module.active_adapter for _, module in layers]
+    current = ""
+    try:
+        for name, module in layers:
+            current = name
+            plain = module.unwrap(False)  # no side effects: the module the layer runs when off
+            for adapter in adapter_names:
+                module.active_adapter = adapter
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    result = module.unwrap(True)
+                if result is not plain:  # e.g. a bitsandbytes layer builds a dense nn.Linear
+                    raise PeftkitError(
+                        f"merge_adapter cannot merge into this {type(module).__name__} in place: merging it "
+                        f"builds a new {type(result).__name__} (a quantized base is dequantized). Use "
+                        "merge_and_unload(), which puts the dequantized merged layer in (with a warning)"
+                    )
+                for warning in caught:  # raised only for merges that went ahead
+                    warnings.warn_explicit(
+                        warning.message, warning.category, warning.filename, warning.lineno
+                    )
+            if safe_merge:
+                check_finite(plain)
+            module.active_adapter = None
+    except (ValueError, PeftkitError) as err:
+        _restore(saved)
+        for (_, module), adapter in zip(layers, active):
+            module.active_adapter = adapter
+        message = f"{err} [in layer {current}; nothing was merged, the model is unchanged]"
+        raise (PeftkitError if isinstance(err, PeftkitError) else ValueError)(message) from err
+    return saved
+
+
+def unmerge(modules: list[tuple[str, Any]], saved: Snapshot, active_adapter: str | None) -> None:
+    """Write ``saved`` (from :func:`merge_in_place`) back and switch the layers on again."""
+    _restore(saved)
+    for _, module in modules:
+        module.active_adapter = active_adapter
+
+
+def check_finite(module: nn.Module) -> None:
+    """Every floating-point parameter of ``module`` is finite (``safe_merge``), else ValueError."""
+    for pname, param in module.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise ValueError(f"merging gives NaN or inf in {pname} (e.g. an fp16 overflow)")
+
+
+def refuse_while_merged(merged_adapters: Sequence[str], action: str) -> None:
+    """PeftkitError if adapters are merged: ``action`` would act on layers that are switched off."""
+    if merged_adapters:
+        raise PeftkitError(
+            f"{action} is not possible while adapter(s) {', '.join(merged_adapters)} are merged into the "
+            "weights: call unmerge_adapter() first"
+        )

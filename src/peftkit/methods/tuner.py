@@ -8,17 +8,27 @@ A method subclasses :class:`InjectedAdapterModel` once and fills in three hooks:
 
 and optionally ``extra_trainable_names(adapter_name)`` for base-model parameters the method also
 trains and saves (LoRA's ``bias``). Everything else -- matching, ``modules_to_save``, switching
-adapters, the state-dict key map, unloading -- is here and never looks at the method's name.
+adapters, the state-dict key map, merging in place, unloading -- is here and never looks at the
+method's name.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
 from torch import nn
 
 from peftkit.methods.base import AdapterModule, TargetingConfig
-from peftkit.methods.merging import unwrap_atomically
+from peftkit.methods.merging import (
+    Snapshot,
+    check_finite,
+    merge_in_place,
+    merged_in_place_layers,
+    refuse_while_merged,
+    unmerge,
+    unwrap_atomically,
+)
 from peftkit.methods.modules_to_save import find_modules_to_save, wrap_modules_to_save
 from peftkit.methods.targeting import (
     inject_adapter,
@@ -41,6 +51,8 @@ class InjectedAdapterModel(TunerBase):
         self.model = model
         self.peft_config: dict[str, TargetingConfig] = {}
         self.active_adapter: str | None = adapter_name
+        self.merged_adapters: list[str] = []  # merged into the weights by merge_adapter, in order
+        self._unmerged: Snapshot = []  # the base tensors before merge_adapter (CPU copies)
         self.add_adapter(adapter_name, config)
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -80,6 +92,7 @@ class InjectedAdapterModel(TunerBase):
         return targetable_modules(model, cls.is_supported)
 
     def add_adapter(self, adapter_name: str, config: TargetingConfig) -> None:
+        refuse_while_merged(self.merged_adapters, "add_adapter")
         self.check_new_adapter_name(adapter_name)
         if config.modules_to_save:
             find_modules_to_save(self.model, config.modules_to_save)  # fail before changing the model
@@ -115,6 +128,13 @@ class InjectedAdapterModel(TunerBase):
     def set_adapter(self, adapter_name: str | None) -> None:
         if adapter_name is not None and adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; adapters: {', '.join(self.peft_config)}")
+        if self.merged_adapters:  # PEFT's behaviour: switching adapters unmerges first
+            warnings.warn(
+                f"adapter(s) {', '.join(self.merged_adapters)} are merged into the weights: unmerging them "
+                "before setting the adapter",
+                stacklevel=2,
+            )
+            self.unmerge_adapter()
         self.active_adapter = adapter_name
         for _, module in self.adapter_modules():
             module.active_adapter = adapter_name
@@ -128,6 +148,7 @@ class InjectedAdapterModel(TunerBase):
         """
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; adapters: {', '.join(self.peft_config)}")
+        refuse_while_merged(self.merged_adapters, "delete_adapter")
         del self.peft_config[adapter_name]
         for _, layer in self.adapter_modules():
             for module in layer.modules():
@@ -149,14 +170,78 @@ class InjectedAdapterModel(TunerBase):
         keys.update({name: name for name in self.extra_trainable_names(adapter_name)})
         return keys
 
+    # -- merging in place (merge_adapter / unmerge_adapter) ------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the active adapter (or each of ``adapter_names``, in turn) into the base weights,
+        keeping the adapter layers (switched off) so that :meth:`unmerge_adapter` can undo it.
+
+        All-or-nothing as ``merge_and_unload`` (see ``merging.merge_in_place``); ``safe_merge``
+        also checks the merged weights are finite. Merging again while merged adds the adapters
+        not merged yet on top (as PEFT; already merged ones are skipped with a warning).
+        ``modules_to_save`` copies keep running the active adapter's copy while merged.
+        """
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of adapter names, got {adapter_names!r}")
+        if adapter_names is None:
+            if self.active_adapter is None:
+                raise ValueError("no adapter is active: pass adapter_names=[...] or call set_adapter() first")
+            adapter_names = [self.active_adapter]
+        names = list(dict.fromkeys(adapter_names))
+        if not names:
+            raise ValueError("adapter_names is empty: name at least one adapter to merge")
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter(s) named {unknown}; adapters: {', '.join(self.peft_config)}")
+        new = [n for n in names if n not in self.merged_adapters]
+        if self.merged_adapters:
+            done = ", ".join(self.merged_adapters)
+            message = f"now additionally merging {', '.join(new)}" if new else "nothing to do"
+            warnings.warn(f"adapter(s) {done} are already merged; {message}", stacklevel=2)
+            if not new:
+                return
+        saved = merge_in_place(
+            self.adapter_modules(), new, all_adapters=list(self.peft_config), safe_merge=safe_merge
+        )
+        if not self.merged_adapters:
+            self._unmerged = saved  # a later, additional merge keeps the first (the base weights)
+        self.merged_adapters += new
+
+    def unmerge_adapter(self) -> None:
+        """Undo :meth:`merge_adapter`: the base tensors saved before merging are written back, so
+        the base weights are bit-exact. (PEFT instead subtracts the update again -- or divides by
+        IA3's vector, inverts DoRA's rescale -- which leaves rounding error in the weights.)"""
+        if not self.merged_adapters:
+            return
+        unmerge(merged_in_place_layers(self.adapter_modules()), self._unmerged, self.active_adapter)
+        self.merged_adapters, self._unmerged = [], []
+
     def unload(
         self, merge: bool, *, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
-        """Put the plain layers back; with ``merge`` all-or-nothing (see ``unwrap_atomically``)."""
+        """Put the plain layers back; with ``merge`` all-or-nothing (see ``unwrap_atomically``).
+
+        After ``merge_adapter``: ``merge`` keeps what is merged (adding ``adapter_names`` not merged
+        yet), without merging twice; without ``merge`` the base weights are restored first.
+        """
         if adapter_names is not None:
             unknown = [n for n in adapter_names if n not in self.peft_config]
             if unknown:
                 raise ValueError(f"no adapter(s) named {unknown}; adapters: {', '.join(self.peft_config)}")
+        if self.merged_adapters and not merge:
+            self.unmerge_adapter()
+        if self.merged_adapters:
+            extra = [n for n in adapter_names or [] if n not in self.merged_adapters]
+            if extra:
+                self.merge_adapter(extra, safe_merge=safe_merge)
+            elif safe_merge:
+                for _, layer in merged_in_place_layers(self.adapter_modules()):
+                    check_finite(layer.unwrap(False))
+            merge, self.merged_adapters, self._unmerged = False, [], []  # the layers hold the merge
         unwrapped = unwrap_atomically(
             self.adapter_modules(),
             merge=merge,

@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from peftkit.errors import PeftkitError
+
 
 def check_adapter_name(adapter_name: Any) -> None:
     """Adapter names become state-dict path segments: non-empty strings without a '.'."""
@@ -44,6 +46,12 @@ class TunerBase(nn.Module):
     supports_mixed_batches: ClassVar[bool] = False
 
     def refuse_adapter_names(self, kwargs: dict[str, Any]) -> None:
+        merged = getattr(self, "merged_adapters", None)  # set by methods that can merge_adapter()
+        if kwargs.get("adapter_names") is not None and merged:
+            raise PeftkitError(
+                f"adapter_names (mixed-adapter batches) cannot be used while adapter(s) {', '.join(merged)} "
+                "are merged into the weights: call unmerge_adapter() first"
+            )
         if "adapter_names" in kwargs and not self.supports_mixed_batches:
             raise ValueError(
                 f"{type(self).__name__} does not support adapter_names (mixed-adapter batches are LoRA "

@@ -39,7 +39,10 @@ from peftkit.methods.prompt_learning.config import PromptLearningConfig
 from peftkit.methods.targeting import replace_module
 from peftkit.methods.tuner_base import TunerBase
 
-SUPPORTED_TASKS = (TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM, TaskType.SEQ_CLS)
+SUPPORTED_TASKS = tuple(TaskType)
+# Tasks whose inputs keep BERT-style token type ids (zeros in front for the virtual tokens), as in PEFT.
+TOKEN_TYPE_TASKS = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS, TaskType.QUESTION_ANS)
+LM_TASKS = (TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM)  # the ones that generate
 PREFIX = "base_model."  # PeftModel's name for this module
 
 
@@ -228,7 +231,7 @@ class PromptLearningModel(TunerBase):
                     "position ids are not supported with prompt tuning/P-tuning; ignoring them", stacklevel=3
                 )
                 kwargs["position_ids"] = None
-        if config.task_type != TaskType.SEQ_CLS and kwargs.get("token_type_ids") is not None:
+        if config.task_type not in TOKEN_TYPE_TASKS and kwargs.get("token_type_ids") is not None:
             warnings.warn("token type ids are not supported with soft prompts; ignoring them", stacklevel=3)
             kwargs["token_type_ids"] = None
 
@@ -261,7 +264,7 @@ class PromptLearningModel(TunerBase):
         if config.task_type == TaskType.CAUSAL_LM and kwargs["labels"] is not None:
             labels = kwargs["labels"]
             kwargs["labels"] = torch.cat((labels.new_full((batch, n), -100), labels), dim=1)
-        if config.task_type == TaskType.SEQ_CLS and kwargs.get("token_type_ids") is not None:
+        if config.task_type in TOKEN_TYPE_TASKS and kwargs.get("token_type_ids") is not None:
             types = kwargs["token_type_ids"]
             kwargs["token_type_ids"] = torch.cat((types.new_zeros(batch, n), types), dim=1)
         # seq2seq: only the first n rows (the encoder's); the decoder's half stays unused, as in PEFT
@@ -285,8 +288,10 @@ class PromptLearningModel(TunerBase):
         if self.active_adapter is None:
             return self.model.generate(*args, **kwargs)
         config = self._config
-        if config.task_type == TaskType.SEQ_CLS:
-            raise PeftkitError("generate needs a language model; this adapter is for sequence classification")
+        if config.task_type not in LM_TASKS:
+            raise PeftkitError(
+                f"generate needs a language model; this adapter is for {config.task_type.value}"
+            )
         if args:  # generate(input_ids) positionally
             kwargs["input_ids"], args = args[0], args[1:]
         if config.task_type == TaskType.SEQ_2_SEQ_LM and not self.uses_past_key_values:

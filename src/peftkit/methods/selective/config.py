@@ -51,6 +51,10 @@ class FullFinetuneConfig(SelectiveConfig):
             )
         return problems
 
+    def with_modules_to_save(self, names: list[str]) -> FullFinetuneConfig:
+        """Unchanged: every module, a task head included, trains already."""
+        return self
+
 
 @dataclass(kw_only=True)
 class BitFitConfig(SelectiveConfig):

@@ -12,6 +12,11 @@ of the parameters to train. ``adapter_state_keys`` maps those names to themselve
 turning it on swaps them back, in place, so optimizers keep their parameters. A model holds one
 such adapter: two would need two copies of the same weights.
 
+Merging (``merge_adapter`` / ``unmerge_adapter``) changes no tensor: the trained values already
+are the model's weights, so the merged model is the adapted model. They only record the state
+(``merged_adapters``), so that the API is the same for every method; ``disable_adapter()``
+still gives the base model (via the CPU copies), and ``safe_merge`` checks the trained values.
+
 BitFit's ``add_missing_biases`` is the one case that adds parameters: a zero bias on bias-free
 linear layers (``nn.Linear(bias=False)`` -> ``y = x W^T + b``, b starts at 0), removed again
 by ``unload()`` and detached while the adapter is off.
@@ -20,12 +25,14 @@ by ``unload()`` and detached while the adapter is off.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError, TargetModulesError
+from peftkit.methods.merging import refuse_while_merged
 from peftkit.methods.modules_to_save import find_modules_to_save
 from peftkit.methods.selective.config import (
     BitFitConfig,
@@ -70,6 +77,7 @@ class SelectiveModel(TunerBase):
         self._trained: list[str] = []  # parameter names relative to .model
         self._originals: dict[str, torch.Tensor] = {}  # base values (plain attributes: not in state_dict)
         self._stash: dict[str, torch.Tensor] = {}  # trained values while the adapter is off
+        self.merged_adapters: list[str] = []  # recorded by merge_adapter (no tensor changes)
         self.add_adapter(adapter_name, config)
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -90,6 +98,7 @@ class SelectiveModel(TunerBase):
         return dict(self.model.named_parameters())
 
     def add_adapter(self, adapter_name: str, config: SelectiveConfig) -> None:
+        refuse_while_merged(self.merged_adapters, "add_adapter")
         check_adapter_name(adapter_name)
         if self.peft_config:
             raise PeftkitError(
@@ -117,6 +126,13 @@ class SelectiveModel(TunerBase):
     def set_adapter(self, adapter_name: str | None) -> None:
         if adapter_name is not None and adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; adapters: {', '.join(self.peft_config)}")
+        if self.merged_adapters:  # as PEFT: switching adapters unmerges first (a record only here)
+            warnings.warn(
+                f"adapter {self.merged_adapters[0]} is merged into the weights: unmerging it before "
+                "setting the adapter",
+                stacklevel=2,
+            )
+            self.unmerge_adapter()
         if adapter_name == self.active_adapter:
             return
         params = self._params()
@@ -134,9 +150,41 @@ class SelectiveModel(TunerBase):
             return {}
         return {f"model.{name}": f"model.{name}" for name in self._trained}
 
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Record the active adapter as merged: its trained values already are the model's weights,
+        so no tensor changes (``safe_merge`` checks they are finite). Only the active adapter can
+        be merged -- the model holds one, and its values are in the weights only while active."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of adapter names, got {adapter_names!r}")
+        names = [self.active_adapter] if adapter_names is None else list(dict.fromkeys(adapter_names))
+        if self.active_adapter is None or names != [self.active_adapter]:
+            raise PeftkitError(
+                f"{self.method_name} trains the model's own weights, so merge_adapter merges the active "
+                f"adapter only (active: {self.active_adapter}, asked for: {names}); call set_adapter(name) first"
+            )
+        if self.merged_adapters:
+            warnings.warn(f"adapter {self.active_adapter} is already merged; nothing to do", stacklevel=2)
+            return
+        params = self._params()
+        bad = [name for name in self._trained if safe_merge and not params[name].isfinite().all()]
+        if bad:
+            raise ValueError(
+                f"adapter {self.active_adapter!r} has NaN or inf in {_sample(bad)}; nothing was merged"
+            )
+        self.merged_adapters = names
+
+    def unmerge_adapter(self) -> None:
+        """Forget the merge record; no tensor changes (see :meth:`merge_adapter`)."""
+        self.merged_adapters = []
+
     @torch.no_grad()
     def unload(self, merge: bool) -> nn.Module:
         """``merge`` keeps the active adapter's trained values; otherwise the base values come back."""
+        self.merged_adapters = []
         if not merge and self.active_adapter is not None:
             params = self._params()
             for name in self._trained:
