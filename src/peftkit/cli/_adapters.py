@@ -184,6 +184,10 @@ def load_model_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[s
         model, tokenizer = load_model_from_args(argparse.Namespace(**{**vars(args), "adapter": None}))
         return model, tokenizer, []
     configs = {name: read_adapter_config(directory) for name, directory in specs}
+    from peftkit.tasks import require_loader
+
+    for _, directory in specs:  # a classifier / QA / seq2seq adapter cannot generate here
+        require_loader(directory, "causal_lm", getattr(args, "command", "generate"))
     if len(specs) > 1:
         check_adapters_agree(specs, configs, args.base_model)
     base = args.base_model or configs[specs[0][0]].get("base_model_name_or_path")

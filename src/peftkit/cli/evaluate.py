@@ -1,12 +1,19 @@
-"""peftkit eval: loss / perplexity and answer accuracy by generation on held-out data."""
+"""peftkit eval: the metrics of the adapter's task on held-out data.
+
+Causal LM: loss / perplexity and answer accuracy by generation; classification: accuracy, macro-F1
+and per-class scores; token classification: token accuracy, macro-F1, entity F1; QA: exact
+match and F1; seq2seq: loss / perplexity and exact match. The task is the adapter's (its
+``peftkit_task.json`` or ``task_type``), else the config's ``task``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
-HELP = "Evaluate a base model or base + adapter: loss, perplexity and accuracy by generation."
+HELP = "Evaluate a base model or base + adapter with its task's metrics (accuracy, F1, loss, ...)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,11 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from peftkit.cli._model_args import load_model_from_args
     from peftkit.data import load_split
-    from peftkit.evaluation import evaluate_generation, evaluate_loss
     from peftkit.io import write_json
     from peftkit.models import bf16_supported
+    from peftkit.tasks import get_task, load_task
     from peftkit.train.config import build_job_config, load_job_config
 
     job = load_job_config(args.config, args.overrides) if args.config else build_job_config({})
@@ -53,8 +59,11 @@ def run(args: argparse.Namespace) -> int:
         args.base_model = job.base_model
     args.trust_remote_code = args.trust_remote_code or job.trust_remote_code
 
-    model, tokenizer = load_model_from_args(args)
-    examples = load_split(data_cfg, tokenizer, split, seed=job.training.seed)
+    task = load_task(args.adapter, default=job.task) if args.adapter else get_task(job.task)
+    if task.labels is None:
+        task.prepare(job.data)  # a classifier's label names: read from the training data as training did
+    model, tokenizer = _load_model(args, task)
+    examples = load_split(data_cfg, tokenizer, split, seed=job.training.seed, task=task)
     device = next(model.parameters()).device
     autocast_dtype = None
     if job.training.precision != "fp32" and bf16_supported(device):
@@ -63,37 +72,48 @@ def run(args: argparse.Namespace) -> int:
         autocast_dtype = torch.bfloat16
     batch_size = args.batch_size or job.evaluation.batch_size
     what = f"{'base + adapter ' + args.adapter if args.adapter else 'base model'} on {len(examples)} {split} examples"
-    print(f"Evaluating {what}")
-    results: dict = {"split": split, "adapter": args.adapter, "n": len(examples)}
-    results.update(
-        evaluate_loss(
-            model,
-            examples,
-            batch_size=batch_size,
-            pad_token_id=tokenizer.pad_token_id,
-            autocast_dtype=autocast_dtype,
-        )
+    print(f"Evaluating {what} (task {task.task_type.value})")
+    eval_cfg = job.evaluation
+    if args.max_new_tokens:
+        eval_cfg = dataclasses.replace(eval_cfg, max_new_tokens=args.max_new_tokens)
+    metrics = task.eval_metrics(
+        model, tokenizer, examples, eval_cfg=eval_cfg, autocast_dtype=autocast_dtype, batch_size=batch_size
     )
-    print(
-        f"loss {results['loss']:.4f}  perplexity {results['perplexity']:.3f}  ({results['tokens']} label tokens)"
-    )
-    if any(e.answer is not None for e in examples):
-        gen = evaluate_generation(
-            model,
-            tokenizer,
-            examples,
-            max_new_tokens=args.max_new_tokens or job.evaluation.max_new_tokens,
-            batch_size=batch_size,
-            match=job.evaluation.match,
-            autocast_dtype=autocast_dtype,
-        )
-        results["accuracy"] = gen["accuracy"]
-        results["accuracy_n"] = gen["n"]
-        print(f"accuracy ({job.evaluation.match} match) {gen['accuracy']:.3f} on {gen['n']} examples")
-        for sample in gen["samples"][: job.evaluation.show_samples]:
-            print(f"  {sample.prediction!r} (expected {sample.answer!r})")
+    for line in task.metric_lines(metrics):
+        print(line)
+    results: dict = {
+        "split": split,
+        "adapter": args.adapter,
+        "task": task.task_type.value,
+        "n": len(examples),
+    }
+    results.update({k: v for k, v in metrics.items() if k not in ("samples", "n")})
     if args.json:
         write_json(args.json, results)
     else:
         print(json.dumps({k: v for k, v in results.items() if k != "adapter"}))
     return 0
+
+
+def _load_model(args: argparse.Namespace, task: Any) -> tuple[Any, Any]:
+    """The base model with the task's head (sized by its labels), the adapter applied, on --device."""
+    from peftkit.cli._model_args import adapter_base_model
+    from peftkit.models import load_model_and_tokenizer, resolve_device
+
+    base = args.base_model or adapter_base_model(args.adapter)
+    model, tokenizer = load_model_and_tokenizer(
+        base,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        task=task.loader_task,
+        **task.model_kwargs(),
+    )
+    if args.adapter:
+        from peftkit.auto import apply_saved_adapter
+
+        model, tokenizer = apply_saved_adapter(
+            model, tokenizer, args.adapter, trust_remote_code=args.trust_remote_code
+        )
+    model.to(resolve_device(args.device))
+    model.eval()
+    return model, tokenizer

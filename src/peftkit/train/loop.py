@@ -1,10 +1,12 @@
 """The training loop, top to bottom.
 
-``setup`` builds everything in dependency order (output dir -> seeds -> device -> model and
-tokenizer -> data, which needs the tokenizer -> adapter, which needs the model -> optimizer,
+``setup`` builds everything in dependency order (output dir -> seeds -> device -> task, whose
+label set sizes a classifier head -> model and tokenizer -> data, which needs the tokenizer -> adapter, which needs the model -> optimizer,
 which needs the adapter's parameters -> scheduler -> resume state, which needs all of them).
-``train`` is one explicit loop: micro-batches, token-normalised accumulation, clipping,
-optimizer and scheduler steps, logging, evaluation and checkpoints.
+``train`` is one explicit loop: micro-batches, accumulation normalised by what the loss
+averages over, clipping, optimizer and scheduler steps, logging, evaluation and checkpoints.
+What depends on the task type (head, data encoding, batching, loss, metrics) is a hook of the
+job's :class:`peftkit.tasks.Task`; this module never asks which task it is.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import dataclasses
 import json
 import math
 import random
-import re
 import shutil
 import sys
 import time
@@ -29,7 +30,8 @@ from tqdm.auto import tqdm
 
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_file, write_json
-from peftkit.train.batching import MicroBatchStream, collate, count_label_tokens
+from peftkit.tasks import Task, get_task, save_task
+from peftkit.train.batching import MicroBatchStream
 from peftkit.train.checkpoint import (
     checkpoints_dir,
     latest_checkpoint,
@@ -38,7 +40,6 @@ from peftkit.train.checkpoint import (
     save_checkpoint,
 )
 from peftkit.train.config import TrainJobConfig
-from peftkit.train.loss import lm_loss_sum
 from peftkit.train.metrics import METRICS_FILE, MetricsLog
 from peftkit.train.precision import split_precision, store_in_dtype
 from peftkit.train.schedule import build_scheduler
@@ -67,6 +68,7 @@ class TrainSession:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     stream: MicroBatchStream
     total_steps: int
+    task: Task = field(default_factory=lambda: get_task(None))
     start_step: int = 0
     tokens_seen: int = 0
     results: dict[str, Any] = field(default_factory=dict)
@@ -127,7 +129,7 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> Pa
 
 
 def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False) -> TrainSession:
-    from peftkit import TaskType, get_peft_model
+    from peftkit import get_peft_model
     from peftkit.data import build_datasets
     from peftkit.models import load_model_and_tokenizer, resolve_device
 
@@ -140,6 +142,8 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     seed_everything(t.seed)
     device = resolve_device(t.device)
     autocast_dtype = resolve_autocast(t.precision, device)
+    task = get_task(job.task)
+    task.prepare(job.data)  # e.g. the label set, which sizes the classification head
 
     attention = t.attention if t.attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
     quantized = job.quantization is not None
@@ -153,10 +157,12 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         job.base_model,
         trust_remote_code=job.trust_remote_code,
         attn_implementation=attention,
+        task=task.loader_task,
+        **task.model_kwargs(),
         **load_options,
     )
     new_token_ids = add_tokens(job.tokens, model, tokenizer)  # before tokenizing the data
-    data = build_datasets(job.data, tokenizer, seed=t.seed)
+    data = build_datasets(job.data, tokenizer, seed=t.seed, task=task)
     say(data.summary())
     # With bf16 autocast the frozen weights are stored in bf16 from the start (see precision.py);
     # adapters are created in fp32 whatever the base dtype.
@@ -171,9 +177,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     results: dict[str, Any] = {"before": previous.get("before")} if previous.get("before") else {}
     if job.evaluation.accuracy_before and not results.get("before") and data.test:
         say(f"Evaluating the base model on {len(data.test)} held-out examples ...")
-        results["before"] = evaluate_test_accuracy(
-            job, model, tokenizer, data.test, device, autocast_dtype, "before"
-        )
+        results["before"] = evaluate_test(job, task, model, tokenizer, data.test, autocast_dtype, "before")
 
     torch.manual_seed(t.seed)  # adapter init does not depend on what evaluation consumed
     # The adapter records the name the job used (a built-in alias stays portable, unlike its
@@ -181,7 +185,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     method_config = dataclasses.replace(
         job.method_config,
         base_model_name_or_path=job.method_config.base_model_name_or_path or job.base_model,
-        task_type=job.method_config.task_type or TaskType.CAUSAL_LM,
+        task_type=job.task,  # build_job_config checked the method section agrees
     )
     method_config = with_new_tokens(job.tokens, method_config, model, new_token_ids)
     model = get_peft_model(model, method_config)
@@ -214,6 +218,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         scheduler,
         stream,
         total_steps,
+        task,
         results=results,
     )
     if checkpoint is not None:
@@ -230,6 +235,7 @@ def train(
 ) -> dict[str, Any]:
     """Run the optimisation; ``stop_after_step`` simulates an interruption (for tests)."""
     t = session.job.training
+    task = session.task
     model, optimizer, scheduler = session.model, session.optimizer, session.scheduler
     pad_id = session.tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
@@ -248,16 +254,17 @@ def train(
     model.train()
     for step in range(session.start_step + 1, session.total_steps + 1):
         started = time.perf_counter()
-        batches = [collate(session.stream.get((step - 1) * accum + i), pad_id) for i in range(accum)]
-        # Normalise by the label tokens of the whole optimizer step, not per micro-batch, so
-        # every token weighs the same whatever the batch boundaries.
-        step_label_tokens = max(1, sum(count_label_tokens(b) for b in batches))
+        batches = [task.collate(session.stream.get((step - 1) * accum + i), pad_id) for i in range(accum)]
+        # Normalise by what the loss averages over (label tokens, or examples for classifiers) in
+        # the whole optimizer step, not per micro-batch, so every unit weighs the same whatever
+        # the batch boundaries.
+        step_label_tokens = max(1, sum(task.count(b) for b in batches))
         step_loss = 0.0
         step_tokens = 0
         for batch in batches:
             batch = {k: v.to(session.device) for k, v in batch.items()}
             with autocast(session):
-                loss_sum, _ = lm_loss_sum(model, batch)
+                loss_sum, _ = task.loss_sum(model, batch)
             (loss_sum / step_label_tokens).backward()
             step_loss += loss_sum.item()
             step_tokens += int(batch["attention_mask"].sum())
@@ -330,6 +337,7 @@ def finish(session: TrainSession, metrics: MetricsLog) -> dict[str, Any]:
     adapter_dir = session.output_dir / ADAPTER_DIR
     session.model.save_pretrained(adapter_dir)
     session.tokenizer.save_pretrained(adapter_dir)
+    save_task(session.task, adapter_dir)  # the task type and label names, for peftkit eval
     results = dict(session.results)
     results["adapter_dir"] = str(adapter_dir)
     results["steps"] = session.total_steps
@@ -339,81 +347,49 @@ def finish(session: TrainSession, metrics: MetricsLog) -> dict[str, Any]:
         results["validation"] = val
     if job.evaluation.accuracy_after and session.data.test:
         say(f"Evaluating the fine-tuned model on {len(session.data.test)} held-out examples ...")
-        results["after"] = evaluate_test_accuracy(
+        results["after"] = evaluate_test(
             job,
+            session.task,
             session.model,
             session.tokenizer,
             session.data.test,
-            session.device,
             session.autocast_dtype,
             "after",
         )
     write_json(session.output_dir / RESULTS_FILE, results)
     plot = metrics.plot()
-    report(results, plot)
+    report(session.task, results, plot)
     return results
 
 
 def validation_loss(session: TrainSession) -> dict[str, float]:
-    from peftkit.evaluation import evaluate_loss
-
-    out = evaluate_loss(
+    return session.task.validation(
         session.model,
         session.data.validation,
         batch_size=session.job.evaluation.batch_size,
         pad_token_id=session.tokenizer.pad_token_id,
         autocast_dtype=session.autocast_dtype,
     )
-    return {"val_loss": out["loss"], "val_perplexity": out["perplexity"]}
 
 
-def evaluate_test_accuracy(
-    job, model, tokenizer, examples, device, autocast_dtype, label: str
-) -> dict[str, Any]:
-    from peftkit.evaluation import evaluate_generation
-
-    e = job.evaluation
-    out = evaluate_generation(
-        model,
-        tokenizer,
-        examples,
-        max_new_tokens=e.max_new_tokens,
-        batch_size=e.batch_size,
-        match=e.match,
-        autocast_dtype=autocast_dtype,
-    )
-    say(f"Held-out accuracy {label} fine-tuning: {out['accuracy']:.3f} ({out['n']} examples)")
-    samples = [s._asdict() for s in out["samples"][: e.show_samples]]
-    return {"accuracy": out["accuracy"], "n": out["n"], "samples": samples}
+def evaluate_test(job, task: Task, model, tokenizer, examples, autocast_dtype, label: str) -> dict[str, Any]:
+    """The task's held-out metrics (causal LM: accuracy by generation), printed as they come."""
+    out = task.evaluate(model, tokenizer, examples, eval_cfg=job.evaluation, autocast_dtype=autocast_dtype)
+    say(f"Held-out {label} fine-tuning ({out['n']} examples): {task.metric_lines(out)[0]}")
+    return out
 
 
-def report(results: dict[str, Any], plot: Path | None) -> None:
-    lines = ["", "=== peftkit train: results ==="]
-    before, after = results.get("before"), results.get("after")
-    if before:
-        lines.append(f"held-out accuracy before: {before['accuracy']:.3f}  (n={before['n']})")
-    if after:
-        lines.append(f"held-out accuracy after:  {after['accuracy']:.3f}  (n={after['n']})")
-        lines.append("sample predictions (prediction -> expected):")
-        for sample in after["samples"]:
-            lines.append("  " + _format_sample(sample))
+def report(task: Task, results: dict[str, Any], plot: Path | None) -> None:
+    lines = ["", "=== peftkit train: results ===", *task.report_lines(results)]
     if "validation" in results:
-        v = results["validation"]
-        lines.append(f"validation loss {v['val_loss']:.4f}, perplexity {v['val_perplexity']:.2f}")
+        lines.append(
+            "validation "
+            + ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in results["validation"].items())
+        )
     lines.append(f"adapter saved to: {results['adapter_dir']}")
     if plot:
         lines.append(f"loss curve: {plot}")
     print("\n".join(lines), flush=True)
-
-
-_SPECIAL_TOKEN = re.compile(r"<\|[^|<>]{1,40}\|>|<s>|</s>")
-
-
-def _format_sample(sample: dict[str, Any]) -> str:
-    """The end of the prompt's text (chat-template markers removed), the prediction and the answer."""
-    text = " ".join(_SPECIAL_TOKEN.sub(" ", str(sample["prompt"])).split())
-    text = text.removesuffix("assistant").rstrip()
-    return f"...{text[-70:]!r} -> {sample['prediction']!r} (expected {sample['answer']!r})"
 
 
 def _read_results(output_dir: Path) -> dict[str, Any]:

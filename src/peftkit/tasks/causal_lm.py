@@ -1,0 +1,154 @@
+"""CAUSAL_LM: next-token prediction on the completion tokens, accuracy by greedy generation.
+
+::
+
+    rows (instruction / chat / prompt_completion / text) --data.Encoder--> input_ids, labels
+    loss  = sum of cross-entropy over label tokens (train.loss.lm_loss_sum: the output layer runs
+            only where there are labels)          / number of label tokens in the optimizer step
+    eval  = generate for each prompt, compare with the expected answer (first word by default)
+
+This is the behaviour peftkit had before task types existed, unchanged: the hooks only call it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from peftkit.data.encode import Encoder
+from peftkit.data.formats import LM_FORMATS
+from peftkit.methods.base import TaskType
+from peftkit.tasks.base import Task
+from peftkit.train.batching import collate, count_label_tokens
+from peftkit.train.loss import lm_loss_sum
+
+
+class CausalLMTask(Task):
+    task_type = TaskType.CAUSAL_LM
+    loader_task = "causal_lm"
+    formats = LM_FORMATS
+    generative = True
+    has_perplexity = True
+
+    def metadata(self) -> dict[str, Any]:
+        return {"task_type": self.task_type.value}
+
+    def encoder(self, tokenizer: Any, cfg: Any) -> Encoder:
+        return Encoder(tokenizer, cfg)
+
+    def collate(self, examples: Sequence[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+        return collate(examples, pad_token_id)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_label_tokens(batch)
+
+    def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return lm_loss_sum(model, batch)
+
+    def validation(
+        self,
+        model: Any,
+        examples: Sequence[Any],
+        *,
+        batch_size: int,
+        pad_token_id: int,
+        autocast_dtype: torch.dtype | None,
+    ) -> dict[str, float]:
+        from peftkit.evaluation import evaluate_loss
+
+        out = evaluate_loss(
+            model, examples, batch_size=batch_size, pad_token_id=pad_token_id, autocast_dtype=autocast_dtype
+        )
+        return {"val_loss": out["loss"], "val_perplexity": out["perplexity"]}
+
+    def evaluate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        examples: Sequence[Any],
+        *,
+        eval_cfg: Any,
+        autocast_dtype: torch.dtype | None,
+        batch_size: int | None = None,
+    ) -> dict[str, Any]:
+        from peftkit.evaluation import evaluate_generation
+
+        out = evaluate_generation(
+            model,
+            tokenizer,
+            examples,
+            max_new_tokens=eval_cfg.max_new_tokens,
+            batch_size=batch_size or eval_cfg.batch_size,
+            match=eval_cfg.match,
+            autocast_dtype=autocast_dtype,
+        )
+        samples = [s._asdict() for s in out["samples"][: eval_cfg.show_samples]]
+        return {"accuracy": out["accuracy"], "n": out["n"], "samples": samples}
+
+    def eval_metrics(
+        self,
+        model: Any,
+        tokenizer: Any,
+        examples: Sequence[Any],
+        *,
+        eval_cfg: Any,
+        autocast_dtype: torch.dtype | None,
+        batch_size: int,
+    ) -> dict[str, Any]:
+        """``peftkit eval``: token loss / perplexity, plus accuracy by generation where rows have answers."""
+        from peftkit.evaluation import evaluate_loss
+
+        pad_id = tokenizer.pad_token_id
+        results: dict[str, Any] = dict(
+            evaluate_loss(
+                model, examples, batch_size=batch_size, pad_token_id=pad_id, autocast_dtype=autocast_dtype
+            )
+        )
+        if any(e.answer is not None for e in examples):
+            gen = self.evaluate(
+                model,
+                tokenizer,
+                examples,
+                eval_cfg=eval_cfg,
+                autocast_dtype=autocast_dtype,
+                batch_size=batch_size,
+            )
+            results.update(accuracy=gen["accuracy"], accuracy_n=gen["n"], samples=gen["samples"])
+        return results
+
+    def metric_lines(self, metrics: dict[str, Any]) -> list[str]:
+        lines = []
+        if "loss" in metrics:
+            lines.append(
+                f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  "
+                f"({metrics['tokens']} label tokens)"
+            )
+        if "accuracy" in metrics:
+            n = metrics.get("accuracy_n", metrics.get("n"))
+            lines.append(f"accuracy {metrics['accuracy']:.3f} on {n} examples")
+            lines += [f"  {s['prediction']!r} (expected {s['answer']!r})" for s in metrics.get("samples", [])]
+        return lines
+
+    def report_lines(self, results: dict[str, Any]) -> list[str]:
+        lines = []
+        before, after = results.get("before"), results.get("after")
+        if before:
+            lines.append(f"held-out accuracy before: {before['accuracy']:.3f}  (n={before['n']})")
+        if after:
+            lines.append(f"held-out accuracy after:  {after['accuracy']:.3f}  (n={after['n']})")
+            lines.append("sample predictions (prediction -> expected):")
+            lines += ["  " + _format_sample(sample) for sample in after["samples"]]
+        return lines
+
+
+_SPECIAL_TOKEN = re.compile(r"<\|[^|<>]{1,40}\|>|<s>|</s>")
+
+
+def _format_sample(sample: dict[str, Any]) -> str:
+    """The end of the prompt's text (chat-template markers removed), the prediction and the answer."""
+    text = " ".join(_SPECIAL_TOKEN.sub(" ", str(sample["prompt"])).split())
+    text = text.removesuffix("assistant").rstrip()
+    return f"...{text[-70:]!r} -> {sample['prediction']!r} (expected {sample['answer']!r})"
