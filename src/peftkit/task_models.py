@@ -1,4 +1,4 @@
-"""The ``PeftModelFor<Task>`` classes: a ``PeftModel`` with the forward signature of one model head.
+"""The ``PeftModelFor<Task>`` classes: a ``PeftModel`` per model head, as PEFT names them.
 
     TaskType               class                                  trains the fresh head
     CAUSAL_LM              PeftModelForCausalLM                   -
@@ -33,21 +33,33 @@ from peftkit.methods.base import PeftConfig, TaskType
 from peftkit.peft_model import PeftModel
 
 
-def _drop_none(**kwargs: Any) -> dict[str, Any]:
-    """Keyword arguments left at ``None`` are not passed on: the model's own defaults apply (a custom
-    ``nn.Module`` need not accept ``output_attentions``)."""
-    return {k: v for k, v in kwargs.items() if v is not None}
+class _TaskModel(PeftModel):
+    """The forward every task class shares: PEFT's keyword arguments (``input_ids``,
+    ``attention_mask``, ``inputs_embeds``, ``labels``, ``decoder_input_ids``, ``token_type_ids``,
+    ``start_positions``, ``output_hidden_states``, ...) go to the model as given.
+
+    Keywords left at ``None`` are not passed on, so the model's own defaults apply (a custom
+    ``nn.Module`` need not accept ``output_attentions``); positional arguments keep the wrapped
+    model's own order. ``task_ids`` selects a task in PEFT's multitask methods (Poly, multitask
+    prompt tuning), which peftkit does not implement, and is refused.
+    """
+
+    def forward(self, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if task_ids is not None:
+            raise ValueError(
+                "task_ids selects a task in PEFT's multitask methods (Poly, multitask prompt tuning), which "
+                "peftkit does not implement: remove task_ids"
+            )
+        self.base_model.refuse_adapter_names(kwargs)
+        return self.base_model(*args, **{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _refuse_task_ids(task_ids: Any) -> None:
-    if task_ids is not None:
-        raise ValueError(
-            "task_ids selects a task in PEFT's multitask methods (Poly, multitask prompt tuning), which "
-            "peftkit does not implement: remove task_ids"
-        )
+class _GenerativeModel(_TaskModel):
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
-class _TaskHeadModel(PeftModel):
+class _TaskHeadModel(_TaskModel):
     """A ``PeftModel`` whose task has a freshly initialised head that must train with the adapter."""
 
     # Module names (suffixes, as in modules_to_save) of the head this task's models have.
@@ -80,78 +92,12 @@ class _TaskHeadModel(PeftModel):
         return config
 
 
-class PeftModelForCausalLM(PeftModel):
+class PeftModelForCausalLM(_GenerativeModel):
     """A ``PeftModel`` for decoder-only language models (``TaskType.CAUSAL_LM``)."""
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        task_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        _refuse_task_ids(task_ids)
-        self.base_model.refuse_adapter_names(kwargs)
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            **_drop_none(
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-            ),
-            **kwargs,
-        )
 
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
-
-
-class PeftModelForSeq2SeqLM(PeftModel):
+class PeftModelForSeq2SeqLM(_GenerativeModel):
     """A ``PeftModel`` for encoder-decoder language models such as T5 (``TaskType.SEQ_2_SEQ_LM``)."""
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        decoder_input_ids: torch.Tensor | None = None,
-        decoder_attention_mask: torch.Tensor | None = None,
-        decoder_inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        task_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        _refuse_task_ids(task_ids)
-        self.base_model.refuse_adapter_names(kwargs)
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            **_drop_none(
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                decoder_inputs_embeds=decoder_inputs_embeds,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-            ),
-            **kwargs,
-        )
-
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
 class PeftModelForSequenceClassification(_TaskHeadModel):
@@ -160,66 +106,12 @@ class PeftModelForSequenceClassification(_TaskHeadModel):
 
     TASK_HEADS = ("classifier", "score")
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        task_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        _refuse_task_ids(task_ids)
-        self.base_model.refuse_adapter_names(kwargs)
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            **_drop_none(
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-            ),
-            **kwargs,
-        )
-
 
 class PeftModelForTokenClassification(_TaskHeadModel):
     """A ``PeftModel`` for token classification such as NER (``TaskType.TOKEN_CLS``); the head
     (``classifier`` / ``score``) trains in full with the adapter."""
 
     TASK_HEADS = ("classifier", "score")
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        task_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        _refuse_task_ids(task_ids)
-        self.base_model.refuse_adapter_names(kwargs)
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            **_drop_none(
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-            ),
-            **kwargs,
-        )
 
 
 class PeftModelForQuestionAnswering(_TaskHeadModel):
@@ -232,68 +124,10 @@ class PeftModelForQuestionAnswering(_TaskHeadModel):
 
     TASK_HEADS = ("qa_outputs",)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        start_positions: torch.Tensor | None = None,
-        end_positions: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        task_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        _refuse_task_ids(task_ids)
-        self.base_model.refuse_adapter_names(kwargs)
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            **_drop_none(
-                token_type_ids=token_type_ids,
-                position_ids=position_ids,
-                start_positions=start_positions,
-                end_positions=end_positions,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-            ),
-            **kwargs,
-        )
 
-
-class PeftModelForFeatureExtraction(PeftModel):
+class PeftModelForFeatureExtraction(_TaskModel):
     """A ``PeftModel`` for models without a task head, used for their hidden states / embeddings
     (``TaskType.FEATURE_EXTRACTION``)."""
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        task_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        _refuse_task_ids(task_ids)
-        self.base_model.refuse_adapter_names(kwargs)
-        return self.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            **_drop_none(
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-            ),
-            **kwargs,
-        )
 
 
 # The PeftModel class for each task type; a config without a task type uses PeftModel itself.
