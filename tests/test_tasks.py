@@ -124,8 +124,12 @@ def test_qa_positions_point_at_the_answer(bert_tok):
 
 
 def test_qa_answer_not_in_window_points_at_cls(bert_tok):
-    _, examples = encode(QA_ROWS[:1], "QUESTION_ANS", bert_tok, max_seq_len=10)
-    assert examples[0].target == [0, 0]
+    # 10 - 5 question tokens - 3 special = 2 context tokens per window, overlapping by 1: the answer
+    # (the last context token) is only in the last window; the others point at [CLS]
+    _, examples = encode(QA_ROWS[:1], "QUESTION_ANS", bert_tok, max_seq_len=10, doc_stride=1)
+    assert [e.target for e in examples[:-1]] == [[0, 0]] * (len(examples) - 1) and len(examples) == 5
+    start, end = examples[-1].target
+    assert bert_tok.decode(examples[-1].input_ids[start : end + 1]) == "paris"
 
 
 def test_qa_wrong_answer_start_names_the_line(tmp_path, bert_tok):

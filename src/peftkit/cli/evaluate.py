@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from peftkit.data import load_split
+    from peftkit.data import count_rows, load_split
     from peftkit.io import write_json
     from peftkit.models import bf16_supported
     from peftkit.tasks import get_task, load_task
@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
         autocast_dtype = torch.bfloat16
     batch_size = args.batch_size or job.evaluation.batch_size
-    what = f"{'base + adapter ' + args.adapter if args.adapter else 'base model'} on {len(examples)} {split} examples"
+    # count_rows: a QA row split into several windows is one example
+    what = f"{'base + adapter ' + args.adapter if args.adapter else 'base model'} on {count_rows(examples)} {split} examples"
     print(f"Evaluating {what} (task {task.task_type.value})")
     eval_cfg = job.evaluation
     if args.max_new_tokens:
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         "split": split,
         "adapter": args.adapter,
         "task": task.task_type.value,
-        "n": len(examples),
+        "n": metrics.get("n", count_rows(examples)),
     }
     results.update({k: v for k, v in metrics.items() if k not in ("samples", "n")})
     if args.json:

@@ -22,6 +22,7 @@ from peftkit.data.splits import (
     DataReport,
     DataSplits,
     build_datasets,
+    count_rows,
     load_split,
     read_train_samples,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Record",
     "Sample",
     "build_datasets",
+    "count_rows",
     "detect_format",
     "load_split",
     "read_file",

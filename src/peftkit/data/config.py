@@ -131,6 +131,15 @@ class DataConfig:
             "any trained token are dropped and counted. null: no truncation."
         },
     )
+    doc_stride: int = field(
+        default=128,
+        metadata={
+            "help": "Extractive QA (format qa) only: a context longer than max_seq_len is split into "
+            "overlapping windows (one training feature each; evaluation keeps the best span over "
+            "an example's windows), and this is how many context tokens consecutive windows share. "
+            "Must be >= 0 and smaller than max_seq_len minus the question and special tokens."
+        },
+    )
     val_size: int | float | None = field(
         default=None,
         metadata={
@@ -191,6 +200,7 @@ class DataConfig:
         # from_dict reports wrong types itself and still calls validate(): only check numbers here.
         if isinstance(self.max_seq_len, int) and self.max_seq_len < 2:
             problems.append(f"'max_seq_len' must be at least 2 tokens (or null), got {self.max_seq_len}")
+        problems.extend(self._check_doc_stride())
         if isinstance(self.max_train_examples, int) and self.max_train_examples < 1:
             problems.append(
                 f"'max_train_examples' must be at least 1 (or null), got {self.max_train_examples}"
@@ -216,6 +226,23 @@ class DataConfig:
             if isinstance(value, list) and not value:
                 problems.append(f"'{name}' is an empty list of rows")
         return problems
+
+    def _check_doc_stride(self) -> list[str]:
+        """Negative is always wrong; >= max_seq_len only matters for QA rows (the QA encoder checks
+        it again for ``format: auto`` and, per row, against the question's length)."""
+        if not isinstance(self.doc_stride, int) or isinstance(self.doc_stride, bool):
+            return []
+        if self.doc_stride < 0:
+            return [
+                f"'doc_stride' must be >= 0 (tokens shared by consecutive QA windows), got {self.doc_stride}"
+            ]
+        if self.format == "qa" and isinstance(self.max_seq_len, int) and self.doc_stride >= self.max_seq_len:
+            return [
+                f"'doc_stride' ({self.doc_stride}) must be smaller than 'max_seq_len' ({self.max_seq_len}) "
+                f"minus the question: lower data.doc_stride (e.g. to {self.max_seq_len // 4}) or raise "
+                "data.max_seq_len"
+            ]
+        return []
 
     def _check_columns(self) -> list[str]:
         if not isinstance(self.columns, dict):

@@ -44,13 +44,19 @@ class DataReport:
     dropped: int = 0
     dropped_origins: list[str] = field(default_factory=list)
     max_seq_len: int | None = None
-    sizes: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # rows (examples) per split
+    windows: dict[str, int] = field(default_factory=dict)  # sequences per split, where rows were split
     answers: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"data: {self.rows_read:,} rows read"]
         lines += [f"  {split}: {source}" for split, source in self.sources.items()]
         lines.append("  examples: " + ", ".join(f"{split} {n:,}" for split, n in self.sizes.items()))
+        if self.windows:
+            lines.append(
+                "  windows (long contexts split into overlapping windows, see data.doc_stride): "
+                + ", ".join(f"{split} {n:,}" for split, n in self.windows.items())
+            )
         for split, counts in self.answers.items():
             total = sum(counts.values())
             shares = ", ".join(
@@ -141,15 +147,19 @@ class _Loader:
         return read_file(path, self.cfg.encoding, self.cfg.encoding_errors), label
 
     def encode(self, samples: list[Sample], split: str, limit: int | None = None) -> list[Example]:
-        """Encode in order until ``limit`` examples are kept (all when None); empty is an error."""
+        """Encode in order until ``limit`` rows are kept (all when None); empty is an error.
+
+        ``limit`` counts rows: a row split into windows (QA) is kept or cut with all its windows.
+        """
         examples: list[Example] = []
         position, dropped_before = 0, self.encoder.stats.dropped
-        while position < len(samples) and (limit is None or len(examples) < limit):
-            chunk = len(samples) if limit is None else max(64, limit - len(examples) + 16)
+        while position < len(samples) and (limit is None or count_rows(examples) < limit):
+            chunk = len(samples) if limit is None else max(64, limit - count_rows(examples) + 16)
             examples += self.encoder.encode(samples[position : position + chunk], self.bad_row)
             position += chunk
         if limit is not None:
-            examples = examples[:limit]
+            starts = [i for i, e in enumerate(examples) if getattr(e, "window", 0) == 0]
+            examples = examples[: starts[limit]] if len(starts) > limit else examples
         if not examples:
             dropped = self.encoder.stats.dropped - dropped_before
             if not dropped:
@@ -160,6 +170,11 @@ class _Loader:
                 f"{', '.join(self.encoder.stats.dropped_origins[:2])}); raise data.max_seq_len or shorten the prompts"
             )
         return examples
+
+
+def count_rows(examples: list[Any]) -> int:
+    """How many rows ``examples`` come from: a row split into windows (``window`` 0, 1, ...) counts once."""
+    return sum(getattr(e, "window", 0) == 0 for e in examples)
 
 
 def _count(size: int | float | None, total: int) -> int:
@@ -241,8 +256,11 @@ def build_datasets(
     report.dropped_origins = loader.encoder.stats.dropped_origins
     for split in SPLITS:
         if split in splits:
-            report.sizes[split] = len(out[split])
-            counts = Counter(e.answer for e in out[split] if e.answer is not None)
+            report.sizes[split] = count_rows(out[split])
+            if report.sizes[split] != len(out[split]):
+                report.windows[split] = len(out[split])
+            firsts = [e for e in out[split] if getattr(e, "window", 0) == 0]
+            counts = Counter(e.answer for e in firsts if e.answer is not None)
             if 0 < len(counts) <= 20:
                 report.answers[split] = dict(counts)
     return DataSplits(out["train"], out["validation"], out["test"], report)

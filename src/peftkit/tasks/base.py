@@ -43,6 +43,10 @@ class TaskExample:
     ``IGNORE_INDEX`` off the first sub-token of each word (TOKEN_CLS), ``[start, end]`` token
     positions (QUESTION_ANS), or target token ids (SEQ_2_SEQ_LM). ``extra`` keeps what only
     evaluation needs (offsets, the context, gold answers, token_type_ids for the model).
+
+    A row too long for one sequence (QA's long contexts) becomes several consecutive examples,
+    its windows, numbered by ``window`` (0, 1, ...): training uses each window on its own, while
+    counting rows (``max_train_examples``, splits, summaries) and evaluation group them back.
     """
 
     input_ids: list[int]
@@ -50,6 +54,7 @@ class TaskExample:
     origin: str
     answer: str | None = None  # label name / answer text / target text, for summaries and metrics
     extra: dict[str, Any] = field(default_factory=dict)
+    window: int = 0  # index of this window among its row's; 0 for the row's first (or only) one
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -67,17 +72,18 @@ class TaskEncoder:
         self.stats = EncodeStats()
 
     def encode(self, samples: list[Any], on_error: Any) -> list[TaskExample]:
-        examples = []
-        for sample, example in zip(samples, self.encode_fields([s.fields for s in samples])):
-            if isinstance(example, str):
-                on_error(sample.origin, example)
-            else:
+        examples: list[TaskExample] = []
+        for sample, encoded in zip(samples, self.encode_fields([s.fields for s in samples])):
+            if isinstance(encoded, str):
+                on_error(sample.origin, encoded)
+                continue
+            for example in encoded if isinstance(encoded, list) else [encoded]:
                 example.origin = sample.origin
                 examples.append(example)
         return examples
 
-    def encode_fields(self, rows: list[dict[str, Any]]) -> list[TaskExample | str]:
-        """One example per row, or a string saying what is wrong with the row."""
+    def encode_fields(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """Per row: one example, a list of its windows' examples, or a string saying what is wrong."""
         raise NotImplementedError
 
     def tokenize(self, *texts: list[Any], **kwargs: Any) -> Any:

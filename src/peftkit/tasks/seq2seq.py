@@ -7,6 +7,7 @@
             (the model shifts labels right itself to make the decoder's inputs)
     loss  = sum of cross-entropy over target tokens / target tokens in the optimizer step
     eval  = loss / perplexity over target tokens, and the exact match of greedy generations
+            (each batch generates up to its longest reference target + GENERATION_MARGIN tokens)
 """
 
 from __future__ import annotations
@@ -20,6 +21,22 @@ import torch.nn.functional as F
 
 from peftkit.methods.base import TaskType
 from peftkit.tasks.base import IGNORE_INDEX, Task, TaskEncoder, TaskExample, inference, pad
+
+GENERATION_MARGIN = 4
+"""Tokens generated beyond a batch's longest reference target (which already ends with eos)."""
+
+
+def generation_budget(examples: Sequence[TaskExample], minimum: int) -> int:
+    """New tokens to generate for ``examples``: at least the longest target (eos included) + a margin.
+
+    Exact match needs the whole target; a fixed budget (``evaluation.max_new_tokens``, 8 by
+    default, meant for short causal-LM answers) would cut longer targets and score a right model
+    0. Generating at least ``len(target)`` tokens (eos included) also means an over-long output
+    is never clipped into a false match; the margin shows a little of what comes after in the
+    samples. Greedy decoding does not depend on the budget, only where it stops, so the budget
+    reveals nothing about the reference to the model. ``minimum`` (max_new_tokens) still applies.
+    """
+    return max(minimum, max(len(e.target) for e in examples) + GENERATION_MARGIN)
 
 
 class Seq2SeqEncoder(TaskEncoder):
@@ -81,11 +98,12 @@ class Seq2SeqTask(Task):
         predictions: list[str] = []
         with inference(model, autocast_dtype):
             for start in range(0, len(examples), size):
-                batch = self.to_device(self.collate(examples[start : start + size], pad_id), model)
+                chunk = examples[start : start + size]
+                batch = self.to_device(self.collate(chunk, pad_id), model)
                 generated = model.generate(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
-                    max_new_tokens=eval_cfg.max_new_tokens,
+                    max_new_tokens=generation_budget(chunk, eval_cfg.max_new_tokens),
                     do_sample=False,
                 )
                 predictions += [

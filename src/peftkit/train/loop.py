@@ -28,6 +28,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from peftkit.data.splits import count_rows
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_file, write_json
 from peftkit.tasks import Task, get_task, save_task
@@ -176,7 +177,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     previous = _read_results(output_dir) if checkpoint is not None else {}
     results: dict[str, Any] = {"before": previous.get("before")} if previous.get("before") else {}
     if job.evaluation.accuracy_before and not results.get("before") and data.test:
-        say(f"Evaluating the base model on {len(data.test)} held-out examples ...")
+        say(f"Evaluating the base model on {count_rows(data.test)} held-out examples ...")
         results["before"] = evaluate_test(job, task, model, tokenizer, data.test, autocast_dtype, "before")
 
     torch.manual_seed(t.seed)  # adapter init does not depend on what evaluation consumed
@@ -346,7 +347,7 @@ def finish(session: TrainSession, metrics: MetricsLog) -> dict[str, Any]:
         metrics.log({"step": session.total_steps, **val})
         results["validation"] = val
     if job.evaluation.accuracy_after and session.data.test:
-        say(f"Evaluating the fine-tuned model on {len(session.data.test)} held-out examples ...")
+        say(f"Evaluating the fine-tuned model on {count_rows(session.data.test)} held-out examples ...")
         results["after"] = evaluate_test(
             job,
             session.task,
