@@ -273,5 +273,33 @@ def label_ids(names: Sequence[str], labels: list[str], origin: str) -> list[int]
     return out
 
 
-def no_labels_error(what: str) -> PeftkitError:
-    return PeftkitError(f"no {what} found in the training data: check data.columns, or set data.labels")
+class LabelledTask(Task):
+    """A task whose head has one output per label (classes, tags): the label set is fixed before
+    the model loads, from ``data.labels`` (in id order) or the sorted labels of the training data."""
+
+    label_field = "label"  # what the labels are called in errors ("labels", "tags")
+
+    def sample_labels(self, fields: dict[str, Any]) -> list[str]:
+        """The labels one training row carries."""
+        raise NotImplementedError
+
+    def prepare(self, data_cfg: Any, labels: list[str] | None = None) -> None:
+        from peftkit.data import read_train_samples
+
+        labels = labels or data_cfg.labels
+        if not labels:
+            samples = read_train_samples(data_cfg, self)
+            labels = sorted({label for s in samples for label in self.sample_labels(s.fields)})
+        if not labels:
+            raise PeftkitError(
+                f"no {self.label_field} found in the training data: check data.columns, or set data.labels"
+            )
+        self.labels = list(labels)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        assert self.labels is not None, "call prepare() first"
+        return {
+            "num_labels": len(self.labels),
+            "id2label": dict(enumerate(self.labels)),
+            "label2id": {name: i for i, name in enumerate(self.labels)},
+        }

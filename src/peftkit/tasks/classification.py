@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from peftkit.methods.base import TaskType
-from peftkit.tasks.base import Task, TaskEncoder, TaskExample, encoder_inputs, label_ids, no_labels_error
+from peftkit.tasks.base import LabelledTask, TaskEncoder, TaskExample, encoder_inputs, label_ids
 
 
 class ClassificationEncoder(TaskEncoder):
@@ -49,28 +49,14 @@ class ClassificationEncoder(TaskEncoder):
         return out
 
 
-class ClassificationTask(Task):
+class ClassificationTask(LabelledTask):
     task_type = TaskType.SEQ_CLS
     loader_task = "seq_cls"
     formats = ("text_label",)
+    label_field = "labels"
 
-    def prepare(self, data_cfg: Any, labels: list[str] | None = None) -> None:
-        from peftkit.data import read_train_samples
-
-        labels = labels or data_cfg.labels
-        if not labels:
-            labels = sorted({s.fields["label"] for s in read_train_samples(data_cfg, self)})
-        if not labels:
-            raise no_labels_error("labels")
-        self.labels = list(labels)
-
-    def model_kwargs(self) -> dict[str, Any]:
-        assert self.labels is not None, "call prepare() first"
-        return {
-            "num_labels": len(self.labels),
-            "id2label": dict(enumerate(self.labels)),
-            "label2id": {name: i for i, name in enumerate(self.labels)},
-        }
+    def sample_labels(self, fields: dict[str, Any]) -> list[str]:
+        return [fields["label"]]
 
     def encoder(self, tokenizer: Any, cfg: Any) -> ClassificationEncoder:
         return ClassificationEncoder(self, tokenizer, cfg)

@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from peftkit.methods.base import TaskType
 from peftkit.tasks.base import (
     IGNORE_INDEX,
-    Task,
+    LabelledTask,
     TaskEncoder,
     TaskExample,
     encoder_inputs,
     label_ids,
-    no_labels_error,
     pad,
 )
 
@@ -61,28 +60,14 @@ class TaggingEncoder(TaskEncoder):
         return out
 
 
-class TokenClassificationTask(Task):
+class TokenClassificationTask(LabelledTask):
     task_type = TaskType.TOKEN_CLS
     loader_task = "token_cls"
     formats = ("tokens_tags",)
+    label_field = "tags"
 
-    def prepare(self, data_cfg: Any, labels: list[str] | None = None) -> None:
-        from peftkit.data import read_train_samples
-
-        labels = labels or data_cfg.labels
-        if not labels:
-            labels = sorted({t for s in read_train_samples(data_cfg, self) for t in s.fields["tags"]})
-        if not labels:
-            raise no_labels_error("tags")
-        self.labels = list(labels)
-
-    def model_kwargs(self) -> dict[str, Any]:
-        assert self.labels is not None, "call prepare() first"
-        return {
-            "num_labels": len(self.labels),
-            "id2label": dict(enumerate(self.labels)),
-            "label2id": {name: i for i, name in enumerate(self.labels)},
-        }
+    def sample_labels(self, fields: dict[str, Any]) -> list[str]:
+        return list(fields["tags"])
 
     def encoder(self, tokenizer: Any, cfg: Any) -> TaggingEncoder:
         return TaggingEncoder(self, tokenizer, cfg)
