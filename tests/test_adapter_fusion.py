@@ -24,6 +24,7 @@ from peftkit import BottleneckConfig, LoraConfig, PeftModel, get_peft_model
 from peftkit.errors import ModelLoadError, PeftkitError, TargetModulesError
 from peftkit.methods import get_method
 from peftkit.methods.adapter_fusion import AdapterFusionConfig, FusionLayer
+from peftkit.methods.adapters import BottleneckLayer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -273,3 +274,142 @@ def test_adapterdrop_for_fusion_fuses_only_the_layers_all_adapters_cover(tmp_pat
 def test_registered():
     spec = get_method("adapter_fusion")
     assert spec.peft_type == "ADAPTER_FUSION" and spec.config_cls is AdapterFusionConfig
+
+
+# -- a failure half-way leaves the user's model as it was -----------------------------------------------
+
+
+def _state(model: nn.Module) -> dict:
+    """Everything a failed injection must not change: module objects, tensors, flags, hooks."""
+    return {
+        "modules": dict(model.named_modules()),
+        "tensors": {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "grads": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()},
+    }
+
+
+def _assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = _state(model)
+    assert after["modules"].keys() == before["modules"].keys()
+    assert all(after["modules"][n] is m for n, m in before["modules"].items())  # the same objects
+    assert after["tensors"].keys() == before["tensors"].keys()
+    assert all(torch.equal(after["tensors"][k], v) for k, v in before["tensors"].items())
+    assert after["grads"] == before["grads"] and after["hooks"] == before["hooks"]
+    assert not any(isinstance(m, (FusionLayer, BottleneckLayer)) for m in model.modules())
+
+
+@pytest.fixture
+def fitting_and_wide(tmp_path) -> list[str]:
+    """A fitting adapter, then one for a wider model: it fails only after the first is injected."""
+    torch.manual_seed(5)
+    fitting = _save_adapter(tmp_path / "fitting")
+    wide = _save_adapter(tmp_path / "wide", model=make_tiny_llama(vocab_size=100, hidden_size=48))
+    return [fitting, wide]
+
+
+def test_failed_construction_leaves_the_model_as_it_was(fitting_and_wide, tmp_path):
+    fitting, wide = fitting_and_wide
+    houlsby = _save_adapter(tmp_path / "houlsby", adapter_type="houlsby")
+    get_peft_model(tiny_llama_case().model, LoraConfig(r=2)).save_pretrained(tmp_path / "lora")
+    failures = [
+        ([fitting, wide], ModelLoadError, "wrong shape"),  # after fused_0 is injected
+        ([fitting, str(tmp_path / "missing")], ModelLoadError, "no adapter directory"),
+        ([fitting, str(tmp_path / "lora")], ModelLoadError, "holds a LORA adapter"),
+        ([fitting, houlsby], TargetModulesError, "same sub-layers"),
+    ]
+    for adapters, error, message in failures:
+        case = tiny_llama_case()
+        before = _state(case.model)
+        with pytest.raises(error, match=message):
+            get_peft_model(case.model, AdapterFusionConfig(adapters=adapters, modules_to_save=["lm_head"]))
+        _assert_unchanged(case.model, before)
+        fused = get_peft_model(case.model, AdapterFusionConfig(adapters=[fitting]))  # still usable
+        assert len(_fusion_layers(fused)) == 2
+
+
+def test_failure_while_wrapping_a_later_layer_leaves_the_model_as_it_was(two_adapters, monkeypatch):
+    """The last steps fail on the second sub-layer (simulated): nothing of the first stays."""
+    original_init = FusionLayer.__init__
+    calls = []
+
+    def fail_second(self, adapters):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("cannot wrap this sub-layer")
+        original_init(self, adapters)
+
+    case = tiny_llama_case()
+    before = _state(case.model)
+    monkeypatch.setattr(FusionLayer, "__init__", fail_second)
+    with pytest.raises(RuntimeError, match="cannot wrap"):
+        get_peft_model(case.model, AdapterFusionConfig(adapters=two_adapters))
+    _assert_unchanged(case.model, before)
+    monkeypatch.undo()
+
+    original_update = FusionLayer.update_layer
+    calls.clear()
+
+    def fail_second_update(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("cannot add the fusion here")
+        original_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusionLayer, "update_layer", fail_second_update)
+    with pytest.raises(RuntimeError, match="cannot add the fusion"):
+        get_peft_model(case.model, AdapterFusionConfig(adapters=two_adapters))
+    _assert_unchanged(case.model, before)
+
+
+def test_failed_add_adapter_leaves_the_fusion_model_as_it_was(two_adapters, tmp_path, monkeypatch):
+    case, model = _fusion(two_adapters, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        out = model(**case.inputs).logits
+    before = _state(model)
+    configs = dict(model.peft_config)
+    with pytest.raises(PeftkitError, match="can only mix those"):
+        model.add_adapter("other", AdapterFusionConfig(adapters=[_save_adapter(tmp_path / "c")]))
+    _assert_unchanged_fusion(model, before, configs)
+    original_update = FusionLayer.update_layer
+    calls = []
+
+    def fail_second_update(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("cannot add the fusion here")
+        original_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusionLayer, "update_layer", fail_second_update)
+    with pytest.raises(RuntimeError, match="cannot add the fusion"):  # the first layer got it already
+        model.add_adapter(
+            "reversed", AdapterFusionConfig(adapters=two_adapters[::-1], modules_to_save=["lm_head"])
+        )
+    _assert_unchanged_fusion(model, before, configs)
+    assert all(layer.fused.keys() == {"default"} for layer in _fusion_layers(model).values())
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**case.inputs).logits, out, atol=0, rtol=0)
+    model.add_adapter("reversed", AdapterFusionConfig(adapters=two_adapters[::-1]))  # works afterwards
+    assert list(model.peft_config) == ["default", "reversed"]
+
+
+def _assert_unchanged_fusion(model, before: dict, configs: dict) -> None:
+    after = _state(model)
+    assert all(after["modules"][n] is m for n, m in before["modules"].items())
+    assert after["modules"].keys() == before["modules"].keys()
+    assert after["tensors"].keys() == before["tensors"].keys()
+    assert all(torch.equal(after["tensors"][k], v) for k, v in before["tensors"].items())
+    assert after["grads"] == before["grads"] and model.peft_config == configs
+
+
+def test_loading_a_fusion_whose_fused_adapter_changed_leaves_the_base_as_it_was(two_adapters, tmp_path):
+    _, model = _fusion(two_adapters)
+    model.save_pretrained(tmp_path / "fusion")
+    # the second fused adapter's directory now holds one for another model
+    _save_adapter(two_adapters[1], model=make_tiny_llama(vocab_size=100, hidden_size=48))
+    base = tiny_llama_case().model
+    before = _state(base)
+    with pytest.raises(ModelLoadError, match="wrong shape"):
+        PeftModel.from_pretrained(base, tmp_path / "fusion")
+    _assert_unchanged(base, before)

@@ -1,6 +1,7 @@
 """LLaMA-Adapter (adaption prompts) against PEFT's ``AdaptionPromptConfig`` on tiny Llama, Mistral
 and GPT-2 (the model types PEFT 0.21 supports): counts, names, saved keys, logits, files both ways,
-generation with the KV cache and left padding, unloading, several adapters, and bad configs."""
+generation with the KV cache and left padding, unloading, and bad configs (several adapters:
+test_adaption_prompt_adapters.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from _tiny_models import make_tiny_bloom, make_tiny_gpt2, tiny_bert_case, tiny_m
 from conftest import make_tiny_llama
 from peftkit.errors import PeftkitError, TargetModulesError
 from peftkit.methods.adaption_prompt import AdaptedAttention, AdaptionPromptConfig
-from peftkit.serialization import WEIGHTS_NAME, load_adapter_weights
+from peftkit.serialization import load_adapter_weights
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -289,48 +290,6 @@ def test_wrapping_a_model_twice_is_refused():
     model = ours("llama")
     with pytest.raises(PeftkitError, match="already contains adapter layers"):
         peftkit.get_peft_model(model.get_base_model(), AdaptionPromptConfig(**KWARGS))
-
-
-def test_several_adapters_switch_save_and_load_like_peft(tmp_path):
-    mine, reference = ours("llama", adapter_layers=1), theirs("llama", adapter_layers=1)
-    mine.add_adapter("other", AdaptionPromptConfig(**{**KWARGS, "adapter_layers": 2}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference.add_adapter("other", peft.AdaptionPromptConfig(**{**KWARGS, "adapter_layers": 2}))
-    assert mine.active_adapter == "default"  # adding does not switch
-    randomize(mine, seed=6)  # both adapters: the inactive one's tensors are parameters too
-    for name in ("default", "other"):  # each saved while "default" is active, loaded into PEFT's
-        mine.save_pretrained(tmp_path / name, selected_adapters=[name])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reference.set_adapter(name)
-        folder = tmp_path / name / ("" if name == "default" else name)
-        result = reference.load_state_dict(load_adapter_weights(folder), strict=False)
-        assert not result.unexpected_keys
-    mine.set_adapter("other")  # reference is on "other" too
-    assert trainable(mine) == trainable(reference)
-    other = logits(mine)
-    torch.testing.assert_close(other, logits(reference), atol=1e-5, rtol=0)
-    mine.set_adapter("default")
-    assert not torch.allclose(logits(mine), other)
-    with mine.disable_adapter():
-        torch.testing.assert_close(logits(mine), logits(BUILDERS["llama"]()), atol=0, rtol=0)
-
-    # load_adapter fills an inactive adapter, read back after switching to it
-    mine.save_pretrained(tmp_path / "all")
-    fresh = peftkit.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path / "all")
-    fresh.load_adapter(tmp_path / "all" / "other", "other")
-    torch.testing.assert_close(logits(fresh), logits(mine), atol=1e-6, rtol=0)
-    fresh.set_adapter("other")
-    torch.testing.assert_close(logits(fresh), other, atol=1e-6, rtol=0)
-    assert (tmp_path / "all" / "other" / WEIGHTS_NAME).is_file()
-
-
-def test_parameters_follow_to_for_inactive_adapters():
-    model = ours("llama")
-    model.add_adapter("other", AdaptionPromptConfig(**KWARGS))
-    model.to(torch.float64)
-    assert {p.dtype for p in model.parameters()} == {torch.float64}
 
 
 # -- bad configs and unsupported models ---------------------------------------------------------------

@@ -372,3 +372,109 @@ def test_unipelt_refuses_seq2seq():
         peftkit.get_peft_model(
             tiny_t5_case().model, peftkit.UniPELTConfig(**{**SMALL, "task_type": "SEQ_2_SEQ_LM"})
         )
+
+
+# -- UniPELT: a failure half-way leaves the user's model as it was ---------------------------------------
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """Everything a failed injection must not change: module objects, tensors, flags, hooks."""
+    return {
+        "modules": dict(model.named_modules()),
+        "tensors": {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "grads": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": {
+            n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._forward_pre_hooks_with_kwargs))
+            for n, m in model.named_modules()
+        },
+    }
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
+    after = model_state(model)
+    assert after["modules"].keys() == before["modules"].keys()
+    assert all(after["modules"][n] is m for n, m in before["modules"].items())  # the same objects
+    assert after["tensors"].keys() == before["tensors"].keys()
+    assert all(torch.equal(after["tensors"][k], v) for k, v in before["tensors"].items())
+    assert after["grads"] == before["grads"] and after["hooks"] == before["hooks"]
+
+
+def fail_gates(*args, **kwargs):
+    raise RuntimeError("cannot build the prefix gate")
+
+
+UNIPELT_FAILURES = {
+    # the LoRA layers (and the lm_head copy) are in, then the adapter site q_proj is a LoRA layer
+    "adapter site taken": (dict(mlp_modules=["q_proj"], modules_to_save=["lm_head"]), "cannot adapt"),
+    "no LoRA target": (dict(target_modules=["nope"]), r"target_modules=\['nope'\] matched no module"),
+    "prefix gates": (dict(), "cannot build the prefix gate"),  # LoRA and adapters in, then the gates fail
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("failure", UNIPELT_FAILURES)
+def test_unipelt_failed_construction_leaves_the_model_as_it_was(arch, failure, monkeypatch):
+    overrides, message = UNIPELT_FAILURES[failure]
+    if failure == "adapter site taken" and arch == "gpt2":
+        overrides = {**overrides, "mlp_modules": ["c_attn"]}  # GPT-2's LoRA target
+    if failure == "prefix gates":
+        monkeypatch.setattr("peftkit.methods.unipelt.model.make_gate", fail_gates)
+    base = BUILD[arch]()
+    before = model_state(base)
+    out = logits(base, batch())
+    with pytest.raises(Exception, match=message):
+        peftkit.get_peft_model(base, peftkit.UniPELTConfig(**{**SMALL, **overrides}))
+    assert_unchanged(base, before)
+    torch.testing.assert_close(logits(base, batch()), out, atol=0, rtol=0)
+    monkeypatch.undo()
+    peftkit.get_peft_model(base, peftkit.UniPELTConfig(**SMALL))  # the model is still a clean base
+
+
+@pytest.mark.parametrize("failure", UNIPELT_FAILURES)
+def test_unipelt_failed_add_adapter_leaves_the_peft_model_as_it_was(failure, monkeypatch):
+    overrides, message = UNIPELT_FAILURES[failure]
+    model = unipelt("llama")
+    set_gates(model, "prefix", ON)
+    out = logits(model, batch(pad=True))
+    before, configs = model_state(model), dict(model.peft_config)
+    if failure == "prefix gates":
+        monkeypatch.setattr("peftkit.methods.unipelt.model.make_gate", fail_gates)
+    with pytest.raises(Exception, match=message):  # the LoRA layers get "second" before the adapters fail
+        model.add_adapter("second", peftkit.UniPELTConfig(**{**SMALL, **overrides}))
+    assert_unchanged(model, before)
+    assert model.peft_config == configs and list(model.base_model.prompt_encoder) == ["default"]
+    assert all("second" not in n for n in model.state_dict())
+    torch.testing.assert_close(logits(model, batch(pad=True)), out, atol=0, rtol=0)
+    monkeypatch.undo()
+    model.add_adapter("second", peftkit.UniPELTConfig(**SMALL))  # works afterwards
+    model.set_adapter("second")
+    logits(model, batch())
+    base = model.unload()  # the gate hooks' handles still reach the restored hook dicts
+    assert not any(m._forward_pre_hooks for m in base.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mam_failed_injection_half_way_leaves_the_model_as_it_was(arch, monkeypatch):
+    """MAM shares UniPELT's add_adapter (prefix, then adapter layers): the second layer's adapter
+    fails after the first is in; the model must come back exactly as it was."""
+    from peftkit.methods.mam import model as mam_model
+
+    real, calls = mam_model.add_bottleneck, []
+
+    def fail_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("cannot add this adapter")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mam_model, "add_bottleneck", fail_on_second)
+    base = BUILD[arch]()
+    before = model_state(base)
+    out = logits(base, batch())
+    with pytest.raises(RuntimeError, match="cannot add this adapter"):
+        peftkit.get_peft_model(base, peftkit.MAMConfig(**SMALL, modules_to_save=["lm_head"]))
+    assert len(calls) == 2  # the first layer's adapter was in when the second failed
+    assert_unchanged(base, before)
+    torch.testing.assert_close(logits(base, batch()), out, atol=0, rtol=0)
+    monkeypatch.undo()
+    peftkit.get_peft_model(base, peftkit.MAMConfig(**SMALL))  # still a clean base

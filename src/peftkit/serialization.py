@@ -105,6 +105,10 @@ def set_peft_model_state_dict(
         )
     own_tensors = dict(model.named_parameters(remove_duplicate=False))
     own_tensors.update(model.named_buffers(remove_duplicate=False))
+    if any(own not in own_tensors for own in key_map.values()):
+        # tensors a method keeps outside its module tree but shows in state_dict() (e.g. the
+        # inactive adaption-prompt adapters); keep_vars gives the tensors themselves to copy_ into
+        own_tensors = {**model.state_dict(keep_vars=True), **own_tensors}
     wrong_shape = []
     with torch.no_grad():
         for saved, own in key_map.items():

@@ -30,6 +30,7 @@ from peftkit.methods.adapters import BottleneckConfig, BottleneckLayer, Bottlene
 from peftkit.methods.adapters.model import bottleneck_placement
 from peftkit.methods.base import PeftConfig
 from peftkit.methods.modules_to_save import find_modules_to_save, wrap_modules_to_save
+from peftkit.methods.rollback import unchanged_on_error
 from peftkit.methods.targeting import replace_module
 from peftkit.methods.tuner import InjectedAdapterModel
 from peftkit.serialization import PREFIX, load_adapter_weights, resolve_adapter_dir
@@ -84,6 +85,12 @@ class AdapterFusionModel(InjectedAdapterModel):
 
     def add_adapter(self, adapter_name: str, config: AdapterFusionConfig) -> None:
         self.check_new_adapter_name(adapter_name)
+        # Several steps can fail half-way (a fused adapter that does not fit, a layer that cannot
+        # take one): then the user's model, and this one, are put back as they were.
+        with unchanged_on_error(self):
+            self._add_fusion(adapter_name, config)
+
+    def _add_fusion(self, adapter_name: str, config: AdapterFusionConfig) -> None:
         if config.modules_to_save:
             find_modules_to_save(self.model, config.modules_to_save)  # fail before changing the model
         sources = [_recorded_path(a) for a in config.adapters]

@@ -34,6 +34,7 @@ from peftkit.methods.mam.config import MAMConfig
 from peftkit.methods.modules_to_save import ModulesToSaveWrapper
 from peftkit.methods.prefix_tuning.layer import PrefixEncoder
 from peftkit.methods.prompt_learning.prefix import PrefixModel
+from peftkit.methods.rollback import unchanged_on_error
 from peftkit.methods.targeting import inject_adapter, iter_modules_outside_adapters, replace_module
 from peftkit.methods.tuner_base import TunerBase
 
@@ -59,12 +60,11 @@ class PrefixWithLayersModel(PrefixModel):
         return {}
 
     def add_adapter(self, adapter_name: str, config: Any) -> None:
-        super().add_adapter(adapter_name, config)  # validates, fills the model fields, builds the prefix
-        try:
+        # The prefix, then several layer injections: if a later one fails, the user's model and
+        # this one are put back exactly as they were (no half-injected layers).
+        with unchanged_on_error(self):
+            super().add_adapter(adapter_name, config)  # validates, fills the model fields, builds the prefix
             self.inject_layers(adapter_name, self.peft_config[adapter_name])
-        except Exception:
-            del self.peft_config[adapter_name], self.prompt_encoder[adapter_name]
-            raise
         self.set_adapter(self.active_adapter)  # new layers start on the currently active adapter
 
     def injected_layers(self) -> list[tuple[str, AdapterModule]]:

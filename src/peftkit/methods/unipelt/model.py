@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, TargetModulesError
 from peftkit.methods.base import AdapterModule, TargetingConfig, TaskType
 from peftkit.methods.lora.model import LORA_DEFAULT_TARGET_MODULES
 from peftkit.methods.mam.model import PrefixWithLayersModel, adapter_sites, add_bottleneck
 from peftkit.methods.prompt_learning.model import word_embeddings
-from peftkit.methods.targeting import is_linear_like, is_target, resolve_target_modules
+from peftkit.methods.targeting import is_linear_like, is_target, no_match_message, resolve_target_modules
 from peftkit.methods.unipelt.config import UniPELTConfig
 from peftkit.methods.unipelt.layer import GatedBottleneckLayer, GatedLoraLinear, make_gate
 
@@ -70,11 +70,12 @@ class UniPELTModel(PrefixWithLayersModel):
     # -- layers ------------------------------------------------------------------------------
 
     def inject_layers(self, adapter_name: str, config: UniPELTConfig) -> None:
+        lora_supported = lambda m: isinstance(m, GatedLoraLinear) or is_linear_like(m)  # noqa: E731
         lora = resolve_target_modules(
             TargetingConfig(target_modules=config.target_modules, task_type=config.task_type),
             self.model,
             defaults=LORA_DEFAULT_TARGET_MODULES,
-            is_supported=lambda m: isinstance(m, GatedLoraLinear) or is_linear_like(m),
+            is_supported=lora_supported,
             method="UniPELT's LoRA",
         )
 
@@ -109,7 +110,9 @@ class UniPELTModel(PrefixWithLayersModel):
             return layer
 
         names = [n for n, _ in self.model.named_modules() if n and is_target(lora, n)]
-        self.inject(names, add_lora, lambda m: isinstance(m, GatedLoraLinear) or is_linear_like(m))
+        if not names:
+            raise TargetModulesError(no_match_message(self.model, lora, lora_supported, "UniPELT's LoRA"))
+        self.inject(names, add_lora, lora_supported)
         self.inject(
             adapter_sites(self.model, config, "pfeiffer"),
             add_adapter_layer,
