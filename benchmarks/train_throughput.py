@@ -1,0 +1,570 @@
+"""Training throughput of the default job: transformers Trainer + HF PEFT vs peftkit (issue 5).
+
+One run, on one machine, in four subprocesses (so every peak RSS belongs to one configuration)::
+
+    peak   square fp32 / bf16 matmuls (best of N, all threads): the machine's ceiling in GFLOP/s
+    a      transformers Trainer + HF PEFT LoRA, bf16=True (what a Trainer user would pick)
+    b      peftkit's training loop with the job's defaults (what `peftkit train` runs)
+    score  both saved adapters loaded by peftkit on the same fp32 base, merged: held-out loss
+
+    data  (built ONCE per process by peftkit.data from the job's DataConfig -> identical ids)
+      |
+      v
+    step batches = peftkit's MicroBatchStream(train, batch, seed, group_by_length) for steps 1..N
+      |--> (a) Trainer reads them from an ordered Dataset with train_sampling_strategy="sequential"
+      '--> (b) peftkit's loop draws them itself; a hash of the ids proves both saw the same batches
+
+Timing: a timestamp after every optimizer step; steps 1-2 are warm-up, the window is step 2's end
+to step N's end. Tokens are non-padding tokens of the timed steps.
+
+Model FLOPs of one example of ``s`` tokens, ``l`` of which carry a label (PaLM-style MFU)::
+
+    6 * P_trained * s                      LoRA A/B: forward 2, backward (input + weight grads) 4
+  + 4 * P_frozen_body * s                  frozen linear layers: forward 2, input grads 2
+  + 4 * P_head * l   (mfu)                 LM head only where a loss is taken (the job needs no more)
+    4 * P_head * s   (mfu_dense_head)      ... or on every token, as dense causal-LM MFU counts it
+  + 12 * n_layers * d_attn * s^2           attention scores and mix, 2 * 2 * s^2 * d forward, x3 train
+
+The embedding lookup costs no FLOPs (SmolLM2 ties the head to it: the head matmul is counted, the
+lookup is not); norms, activations and softmax are left out. MFU = achieved model FLOP/s / the
+measured bf16 matmul peak.
+
+    python benchmarks/train_throughput.py           # 20 steps; writes runs/benchmarks/train_throughput.json
+    python benchmarks/train_throughput.py --steps 100 --json /tmp/tp.json
+    python benchmarks/train_throughput.py --only b --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "examples" / "tweet-sentiment-lora.yaml"
+DEFAULT_JSON = REPO / "runs" / "benchmarks" / "train_throughput.json"  # runs/ is git-ignored
+CONFIGS = {"a": "transformers Trainer + HF PEFT (bf16=True)", "b": "peftkit train (defaults)"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="peftkit job YAML (default: the default job)"
+    )
+    p.add_argument("--model", default=None, help="base model alias or directory (default: the job's)")
+    p.add_argument("--data", default=None, help="training data source, overrides data.train")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="job override, repeatable")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per configuration (>= 3)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the job's)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="default: the job's data.max_seq_len")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--only", choices=["a", "b"], default=None, help="run one configuration")
+    p.add_argument("--heldout", type=int, default=64, help="test-split examples scored after training")
+    p.add_argument("--matmul-size", type=int, default=2048, help="side of the square peak matmuls")
+    p.add_argument("--matmul-reps", type=int, default=5, help="timed matmuls per dtype (best is kept)")
+    p.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the results")
+    p.add_argument(
+        "--inprocess",
+        action="store_true",
+        help="run every configuration in this process (for tests: peak RSS is then not per configuration)",
+    )
+    p.add_argument("--worker", choices=["peak", "a", "b", "score"], help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps < 3:
+        p.error("--steps must be >= 3 (two warm-up steps are not timed)")
+    return args
+
+
+# -- shared by the workers ---------------------------------------------------------------------------
+
+
+def build_job(args: argparse.Namespace, output_dir: str) -> Any:
+    """The job as `peftkit train CONFIG --set ...` would build it, minus evaluation and checkpoints."""
+    from peftkit.train.config import apply_overrides, build_job_config, read_yaml
+
+    sets = list(args.set)
+    if args.model:
+        sets.append(f"base_model={args.model}")
+    if args.data:
+        sets.append(f"data.train={args.data}")
+    if args.batch_size:
+        sets.append(f"training.batch_size={args.batch_size}")
+    if args.max_seq_len:
+        sets.append(f"data.max_seq_len={args.max_seq_len}")
+    if args.threads:
+        sets.append(f"training.num_threads={args.threads}")
+    sets += [
+        f"training.max_steps={args.steps}",
+        "training.eval_every=null",
+        "training.save_every=null",
+        "evaluation.accuracy_before=false",
+        "evaluation.accuracy_after=false",
+        f"output_dir={output_dir}",
+    ]
+    return build_job_config(apply_overrides(read_yaml(args.config), sets), source=args.config)
+
+
+def load_tokenizer(base_model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from peftkit.models import ensure_pad_token, resolve_model_dir
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(base_model))
+    ensure_pad_token(tok)  # what load_model_and_tokenizer does: the same pad id on both sides
+    return tok
+
+
+def build_data(job: Any, tokenizer: Any) -> Any:
+    from peftkit.data import build_datasets
+    from peftkit.tasks import get_task
+
+    task = get_task(job.task)
+    task.prepare(job.data)
+    return build_datasets(job.data, tokenizer, seed=job.training.seed, task=task)
+
+
+def step_batches(job: Any, train: list[Any], n: int) -> list[list[Any]]:
+    """Micro-batches 0..n-1 of peftkit's loop, in the order it draws them."""
+    from peftkit.train.batching import MicroBatchStream
+
+    t = job.training
+    stream = MicroBatchStream(train, t.batch_size, seed=t.seed, group_by_length=t.group_by_length)
+    return [stream.get(i) for i in range(n)]
+
+
+def digest(batches: list[list[Any]]) -> str:
+    h = hashlib.sha256()
+    for batch in batches:
+        for ex in batch:
+            h.update(json.dumps([ex.input_ids, ex.labels]).encode())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def param_counts(hf_model: Any) -> dict[str, int]:
+    """Frozen matmul weights of the adapted model: the LM head and every other frozen linear layer.
+
+    Call after the adapter is injected: its own (trainable) linear layers are left out here and
+    counted as trainable parameters instead.
+    """
+    import torch
+
+    head = hf_model.get_output_embeddings()
+    body = sum(
+        m.weight.numel()
+        for m in hf_model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad
+    )
+    cfg = hf_model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d_attn = cfg.num_attention_heads * head_dim  # width of Q.K^T and of the attention-weighted V
+    return {
+        "frozen_body": body,
+        "head": head.weight.numel(),
+        "n_layers": cfg.num_hidden_layers,
+        "d_attn": d_attn,
+    }
+
+
+def model_flops(batches: list[list[Any]], counts: dict[str, int], trained: int, dense_head: bool) -> float:
+    total = 0.0
+    for batch in batches:
+        for ex in batch:
+            s = len(ex.input_ids)
+            labelled = sum(x != -100 for x in ex.labels[1:])
+            head_tokens = s if dense_head else labelled
+            total += 6 * trained * s + 4 * counts["frozen_body"] * s + 4 * counts["head"] * head_tokens
+            total += 12 * counts["n_layers"] * counts["d_attn"] * s * s
+    return total
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def timing_summary(
+    stamps: list[float], batches: list[list[Any]], counts: dict[str, int], trained: int
+) -> dict[str, Any]:
+    """Steps 3..N: the window from the end of step 2 to the end of step N."""
+    assert len(stamps) == len(batches), f"{len(stamps)} optimizer steps timed, {len(batches)} expected"
+    timed = batches[2:]
+    seconds = stamps[-1] - stamps[1]
+    tokens = sum(len(ex.input_ids) for b in timed for ex in b)
+    return {
+        "timed_steps": len(timed),
+        "timed_s": seconds,
+        "step_time_s": seconds / len(timed),
+        "step_times_s": [b - a for a, b in zip(stamps, stamps[1:])],
+        "tokens_timed": tokens,
+        "tokens_per_s": tokens / seconds,
+        "trainable_params": trained,
+        "param_counts": counts,
+        "model_flops_timed": model_flops(timed, counts, trained, dense_head=False),
+        "model_flops_timed_dense_head": model_flops(timed, counts, trained, dense_head=True),
+    }
+
+
+def heldout_loss(model: Any, examples: list[Any], pad_id: int, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy over completion tokens, fp32, no autocast.
+
+    ``model`` is a plain transformers causal LM (adapters merged in). The head runs only at
+    labelled positions: the same numbers as full logits, without projecting every prompt token
+    onto the 49k vocabulary.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from peftkit.train.batching import collate
+
+    model.float().eval()
+    body, head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size], pad_id)
+            hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            logits = head(hidden[:, :-1][mask]).float()  # (labelled tokens, vocab)
+            total += float(F.cross_entropy(logits, labels[mask], reduction="sum"))
+            count += int(mask.sum())
+    return total / max(1, count)
+
+
+# -- workers ------------------------------------------------------------------------------------------
+
+
+def worker_peak(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.matmul_size
+    out: dict[str, Any] = {"matmul_size": n, "threads": torch.get_num_threads()}
+    for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        torch.mm(a, b)  # warm-up: thread pool, kernel selection
+        best = float("inf")
+        for _ in range(args.matmul_reps):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        out[f"{name}_gflops"] = 2 * n**3 / best / 1e9
+    return out
+
+
+def worker_a(args: argparse.Namespace) -> dict[str, Any]:
+    """transformers Trainer + HF PEFT on the exact step batches of peftkit's loop."""
+    import torch
+    from peft import LoraConfig as HFLoraConfig
+    from peft import get_peft_model as hf_get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from peftkit.models import bf16_supported, resolve_model_dir
+    from peftkit.train.batching import collate
+    from peftkit.train.schedule import lr_multiplier, warmup_steps
+
+    work = Path(args.workdir)
+    job = build_job(args, str(work / "a"))
+    t = job.training
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    tok = load_tokenizer(job.base_model)
+    data = build_data(job, tok)
+    micro = step_batches(job, data.train, args.steps * t.gradient_accumulation_steps)
+    if any(len(b) != t.batch_size for b in micro):
+        raise SystemExit("a step batch is short (epoch end): the Trainer's sequential batches would shift")
+    ordered = [ex for b in micro for ex in b]
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(job.base_model))  # transformers defaults
+    lc = job.method_config
+    torch.manual_seed(t.seed)
+    model = hf_get_peft_model(
+        model,
+        HFLoraConfig(
+            r=lc.r,
+            lora_alpha=lc.lora_alpha,
+            lora_dropout=lc.lora_dropout,
+            target_modules=lc.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    counts = param_counts(model.get_base_model())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    class Ordered(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(ordered)
+
+        def __getitem__(self, i: int) -> Any:
+            return ordered[i]
+
+    stamps: list[float] = []
+    losses: list[float] = []
+    seen: list[list[Any]] = []  # the batches the Trainer really asked for, in its order
+
+    def collator(examples: list[Any]) -> dict[str, Any]:
+        seen.append(list(examples))
+        return collate(examples, tok.pad_token_id)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            stamps.append(time.perf_counter())
+
+        def on_log(self, _args: Any, _state: Any, _control: Any, logs: Any = None, **__: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    class SameSchedule(Trainer):
+        """peftkit's warm-up + cosine (HF's warm-up starts at lr 0, peftkit's at peak / warmup)."""
+
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                warm = warmup_steps(t, num_training_steps)
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer,
+                    lambda s: lr_multiplier(
+                        s,
+                        total=num_training_steps,
+                        warmup=warm,
+                        kind=t.lr_scheduler,
+                        min_ratio=t.min_lr_ratio,
+                    ),
+                )
+            return self.lr_scheduler
+
+    use_bf16 = t.precision != "fp32" and bf16_supported("cpu")
+    targs = TrainingArguments(
+        output_dir=str(work / "a"),
+        max_steps=args.steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_betas[0],
+        adam_beta2=t.adam_betas[1],
+        adam_epsilon=t.adam_eps,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm is not None else 0.0,
+        bf16=use_bf16,
+        seed=t.seed,
+        train_sampling_strategy="sequential",
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = SameSchedule(
+        model=model,
+        args=targs,
+        train_dataset=Ordered(),
+        data_collator=collator,
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    rss = peak_rss_mb()
+    model.save_pretrained(work / "a" / "adapter")
+    accum = t.gradient_accumulation_steps
+    batches = [sum(seen[i : i + accum], []) for i in range(0, len(seen), accum)]
+    return {
+        "name": CONFIGS["a"],
+        "bf16": use_bf16,
+        "optimizer": targs.optim if isinstance(targs.optim, str) else targs.optim.value,
+        "attention": model.config._attn_implementation,
+        "peak_rss_mb": rss,
+        "final_train_loss": losses[-1] if losses else None,
+        "batches_digest": digest(seen),
+        "adapter_dir": str(work / "a" / "adapter"),
+        **timing_summary(stamps, batches, counts, trained),
+    }
+
+
+def worker_b(args: argparse.Namespace) -> dict[str, Any]:
+    """peftkit's own setup + train, as `peftkit train` runs them; only timestamps are added."""
+    from peftkit.train.loop import setup, train
+
+    work = Path(args.workdir)
+    job = build_job(args, str(work / "b"))
+    session = setup(job, overwrite=True)
+    session.data.validation = []  # held-out loss is scored by the `score` worker for both
+    seen: list[list[Any]] = []  # the batches the loop really collated, in its order
+    collate = session.task.collate
+
+    def recording_collate(examples: Any, pad_token_id: int) -> Any:
+        seen.append(list(examples))
+        return collate(examples, pad_token_id)
+
+    session.task.collate = recording_collate
+    counts = param_counts(session.model.get_base_model())
+    trained = sum(p.numel() for p in session.model.parameters() if p.requires_grad)
+    stamps: list[float] = []
+    session.optimizer.register_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    train(session, progress=False)
+    rss = peak_rss_mb()
+    session.task.collate = collate
+    # With gradient accumulation 1 (the default job) one collate call is one optimizer step.
+    accum = job.training.gradient_accumulation_steps
+    batches = [sum(seen[i : i + accum], []) for i in range(0, len(seen), accum)]
+    metrics = [json.loads(x) for x in (work / "b" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    return {
+        "name": CONFIGS["b"],
+        "bf16": session.autocast_dtype is not None,
+        "optimizer": type(session.optimizer).__name__,
+        "attention": session.model.get_base_model().config._attn_implementation,
+        "peak_rss_mb": rss,
+        "final_train_loss": losses[-1] if losses else None,
+        "batches_digest": digest(batches),
+        "adapter_dir": str(work / "b" / "adapter"),
+        **timing_summary(stamps, batches, counts, trained),
+    }
+
+
+def worker_score(args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out loss of the base model and of each saved adapter, on the same fp32 base.
+
+    Both adapters are loaded by peftkit (each library reads the other's files, see
+    tests/test_peft_parity.py) and merged, so one code path scores both.
+    """
+    from peftkit import PeftModel
+    from peftkit.models import load_model_and_tokenizer
+
+    work = Path(args.workdir)
+    job = build_job(args, str(work / "score"))
+    base, tok = load_model_and_tokenizer(job.base_model, dtype="float32", attn_implementation="eager")
+    data = build_data(job, tok)
+    examples = data.test[: args.heldout]
+    if not examples:
+        raise SystemExit("no test examples to score: set data.test_size")
+    out: dict[str, Any] = {
+        "heldout_examples": len(examples),
+        "heldout_loss_base": heldout_loss(base, examples, tok.pad_token_id),
+    }
+    for name in args.only_list:
+        model = PeftModel.from_pretrained(copy.deepcopy(base), work / name / "adapter")
+        merged = model.merge_and_unload()  # fp32 merge: W + s * B @ A, differences ~1e-7
+        out[f"heldout_loss_{name}"] = heldout_loss(merged, examples, tok.pad_token_id)
+    return out
+
+
+WORKERS = {"peak": worker_peak, "a": worker_a, "b": worker_b, "score": worker_score}
+
+
+# -- driver -------------------------------------------------------------------------------------------
+
+
+def run_worker(name: str, argv: list[str], workdir: Path, inprocess: bool) -> dict[str, Any]:
+    result = workdir / f"{name}.json"
+    worker_argv = [*argv, "--worker", name, "--workdir", str(workdir)]
+    print(f"[train_throughput] running {name} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    if inprocess:
+        main(worker_argv)
+    elif subprocess.run([sys.executable, __file__, *worker_argv]).returncode != 0:
+        raise SystemExit(f"[train_throughput] worker {name} failed (its traceback is above)")
+    data = json.loads(result.read_text())
+    data["wall_s"] = time.perf_counter() - started
+    return data
+
+
+def fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: dict[str, Any]) -> str:
+    runs = {k: results[k] for k in ("a", "b") if k in results}
+    rows = [
+        ("tokens/s (non-pad)", "tokens_per_s", ".1f"),
+        ("step time s", "step_time_s", ".3f"),
+        ("peak RSS MB", "peak_rss_mb", ".0f"),
+        ("held-out loss", "heldout_loss", ".4f"),
+        ("MFU % of bf16 peak", "mfu_pct", ".2f"),
+        ("MFU % (dense head)", "mfu_dense_head_pct", ".2f"),
+        ("final train loss", "final_train_loss", ".4f"),
+    ]
+    head = f"{'':24}" + "".join(f"{k:>12}" for k in runs) + (f"{'b/a':>10}" if len(runs) == 2 else "")
+    lines = [head]
+    for label, key, spec in rows:
+        line = f"{label:24}" + "".join(f"{fmt(r.get(key), spec):>12}" for r in runs.values())
+        if len(runs) == 2 and runs["a"].get(key) and runs["b"].get(key) is not None:
+            line += f"{runs['b'][key] / runs['a'][key]:>10.3f}"
+        lines.append(line)
+    peak = results["peak"]
+    lines.append(
+        f"matmul peak ({peak['matmul_size']}^2, {peak['threads']} threads): "
+        f"fp32 {peak['fp32_gflops']:.1f} GFLOP/s, bf16 {peak['bf16_gflops']:.1f} GFLOP/s"
+    )
+    for k, r in runs.items():
+        lines.append(f"{k}: {r['name']}; {r['timed_steps']} timed steps, attention {r['attention']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw_argv)
+    if args.worker:
+        args.only_list = [args.only] if args.only else ["a", "b"]
+        result = WORKERS[args.worker](args)
+        Path(args.workdir, f"{args.worker}.json").write_text(json.dumps(result, indent=2))
+        return
+    started = time.perf_counter()
+    names = [args.only] if args.only else ["a", "b"]
+    with tempfile.TemporaryDirectory(prefix="train_throughput-") as tmp:
+        workdir = Path(tmp)
+        results: dict[str, Any] = {"peak": run_worker("peak", raw_argv, workdir, args.inprocess)}
+        for name in names:
+            results[name] = run_worker(name, raw_argv, workdir, args.inprocess)
+        results["score"] = run_worker("score", raw_argv, workdir, args.inprocess)
+    if len(names) == 2 and results["a"]["batches_digest"] != results["b"]["batches_digest"]:
+        raise SystemExit("(a) and (b) trained on different token sequences: the benchmark is invalid")
+    bf16_peak = results["peak"]["bf16_gflops"] * 1e9
+    for name in names:
+        r = results[name]
+        r.pop("adapter_dir")
+        r["heldout_loss"] = results["score"][f"heldout_loss_{name}"]
+        r["model_flops_per_s"] = r["model_flops_timed"] / r["timed_s"]
+        r["mfu_pct"] = 100 * r["model_flops_per_s"] / bf16_peak
+        r["mfu_dense_head_pct"] = 100 * r["model_flops_timed_dense_head"] / r["timed_s"] / bf16_peak
+    if len(names) == 2:
+        results["ratios_b_over_a"] = {
+            k: results["b"][k] / results["a"][k]
+            for k in ("tokens_per_s", "step_time_s", "peak_rss_mb", "heldout_loss", "mfu_pct")
+        }
+    results["settings"] = {
+        "config": args.config,
+        "model": args.model,
+        "data": args.data,
+        "set": args.set,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_seq_len": args.max_seq_len,
+        "threads": args.threads,
+        "heldout": args.heldout,
+        "cpu_count": os.cpu_count(),
+        "total_wall_s": time.perf_counter() - started,
+    }
+    print(table(results))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results written to {out} ({results['settings']['total_wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
