@@ -481,3 +481,18 @@ def test_auto_class_for_another_task_is_refused(tmp_path):
         peftkit.AutoPeftModelForTokenClassification.from_pretrained(adapter)
     saved = json.loads((adapter / "adapter_config.json").read_text())
     assert saved["task_type"] == "SEQ_CLS" and saved["modules_to_save"] == ["classifier", "score"]
+
+
+@pytest.mark.parametrize("arch", ["bert-seq_cls", "llama-seq_cls", "bert-token_cls", "bert-qa", "t5-seq2seq"])
+def test_cli_merge_exports_the_task_model(arch, tmp_path):
+    """`peftkit merge` on a classifier / tagger / QA / seq2seq adapter writes a model with its head
+    (the trained copy) that transformers' Auto class for the task loads alone, with the same outputs."""
+    import transformers
+
+    from peftkit.cli.main import main
+
+    adapter, expected = trained_adapter(arch, tmp_path)
+    assert main(["merge", str(adapter), str(tmp_path / "merged")]) == 0
+    auto_cls = getattr(transformers, peftkit.auto.AUTO_CLASS_OF_TYPE[TASK[arch]])
+    merged = auto_cls.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(outputs(merged, inputs(arch, targets=False)), expected, atol=1e-4, rtol=0)
