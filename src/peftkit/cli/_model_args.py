@@ -94,8 +94,11 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
 
 
-def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The base model (with ``--adapter`` applied, if given) in eval mode on ``--device``, and its tokenizer."""
+def load_model_from_args(args: argparse.Namespace, **load_options: Any) -> tuple[Any, Any]:
+    """The base model (with ``--adapter`` applied, if given) in eval mode on ``--device``, and its tokenizer.
+
+    ``load_options`` go to ``load_model_and_tokenizer`` (e.g. ``task=`` and ``num_labels=`` for a
+    classifier's head)."""
     from peftkit.models import load_model_and_tokenizer
 
     base = args.base_model or (adapter_base_model(args.adapter) if args.adapter else None)
@@ -104,7 +107,7 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
             "give --base-model NAME_OR_DIR, or --adapter DIR to use its base model", "command line"
         )
     model, tokenizer = load_model_and_tokenizer(
-        base, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        base, dtype=args.dtype, trust_remote_code=args.trust_remote_code, **load_options
     )
     if args.adapter:
         from peftkit.auto import apply_saved_adapter  # imported late: only adapter users pay for it

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 HELP = "Evaluate a base model or base + adapter with its task's metrics (accuracy, F1, loss, ...)."
 
@@ -37,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from peftkit.cli._model_args import load_model_from_args
     from peftkit.data import count_rows, load_split
     from peftkit.io import write_json
     from peftkit.models import bf16_supported
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     task = load_task(args.adapter, default=job.task) if args.adapter else get_task(job.task)
     if task.labels is None:
         task.prepare(job.data)  # a classifier's label names: read from the training data as training did
-    model, tokenizer = _load_model(args, task)
+    # the base with the task's head (sized by its labels), the adapter applied, on --device
+    model, tokenizer = load_model_from_args(args, task=task.loader_task, **task.model_kwargs())
     examples = load_split(data_cfg, tokenizer, split, seed=job.training.seed, task=task)
     device = next(model.parameters()).device
     autocast_dtype = None
@@ -94,27 +95,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(json.dumps({k: v for k, v in results.items() if k != "adapter"}))
     return 0
-
-
-def _load_model(args: argparse.Namespace, task: Any) -> tuple[Any, Any]:
-    """The base model with the task's head (sized by its labels), the adapter applied, on --device."""
-    from peftkit.cli._model_args import adapter_base_model
-    from peftkit.models import load_model_and_tokenizer, resolve_device
-
-    base = args.base_model or adapter_base_model(args.adapter)
-    model, tokenizer = load_model_and_tokenizer(
-        base,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-        task=task.loader_task,
-        **task.model_kwargs(),
-    )
-    if args.adapter:
-        from peftkit.auto import apply_saved_adapter
-
-        model, tokenizer = apply_saved_adapter(
-            model, tokenizer, args.adapter, trust_remote_code=args.trust_remote_code
-        )
-    model.to(resolve_device(args.device))
-    model.eval()
-    return model, tokenizer

@@ -1,8 +1,9 @@
 """The training loop, top to bottom.
 
 ``setup`` builds everything in dependency order (output dir -> seeds -> device -> task, whose
-label set sizes a classifier head -> model and tokenizer -> data, which needs the tokenizer -> adapter, which needs the model -> optimizer,
-which needs the adapter's parameters -> scheduler -> resume state, which needs all of them).
+label set sizes a classifier head -> model and tokenizer -> data, which needs the tokenizer ->
+adapter, which needs the model -> optimizer, which needs the adapter's parameters -> scheduler
+-> resume state, which needs all of them).
 ``train`` is one explicit loop: micro-batches, accumulation normalised by what the loss
 averages over, clipping, optimizer and scheduler steps, logging, evaluation and checkpoints.
 What depends on the task type (head, data encoding, batching, loss, metrics) is a hook of the
