@@ -359,3 +359,17 @@ def test_4bit_base_merge_adapter_refuses_and_merge_and_unload_dequantizes(tmp_pa
     with pytest.warns(UserWarning, match="merging LoRA into a 4-bit layer"):
         merged = model.merge_and_unload()
     torch.testing.assert_close(logits(merged), expected, atol=1e-5, rtol=0)
+
+
+def test_bf16_merge_rounds_once():
+    """A bf16 base: the merged weight is W + B A s computed in fp32 and rounded once (adding a delta
+    already rounded to bf16 would round twice: up to 1 ulp off)."""
+    torch.manual_seed(0)
+    model = peftkit.get_peft_model(
+        make_tiny_llama(), peftkit.LoraConfig(target_modules=["q_proj"], init_lora_weights=False)
+    )
+    model.to(torch.bfloat16)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    expected = (layer.base_layer.weight.float() + layer.delta_weight("default")).to(torch.bfloat16)
+    merged = model.merge_and_unload()
+    assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, expected)

@@ -32,10 +32,13 @@ def require_finite(update: torch.Tensor, adapter: str) -> torch.Tensor:
 
 
 def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, adapter: str) -> None:
-    """``weight += delta`` in place (in the weight's dtype), after checking ``delta`` is finite."""
+    """``weight += delta`` in place, after checking ``delta`` is finite.
+
+    The sum is taken in fp32 and rounded to the weight's dtype once: adding a delta already
+    rounded to bf16 would round twice (up to 1 ulp more error in every merged bf16 weight)."""
     require_finite(delta, adapter)
     with torch.no_grad():
-        weight.add_(delta.to(weight.dtype))
+        weight.copy_((weight.float() + delta.float()).to(weight.dtype))
 
 
 def unwrap_atomically(

@@ -21,7 +21,7 @@ from torch import nn
 
 from peftkit.methods.layers import adapter_dtype
 from peftkit.methods.lora.base import LoraLayerBase
-from peftkit.methods.merging import require_finite
+from peftkit.methods.merging import add_to_weight
 from peftkit.methods.targeting import is_conv1d
 
 SAVED_NAMES = ("lora_A", "lora_B", "lora_E")
@@ -107,9 +107,7 @@ class AdaLoraLinear(LoraLayerBase):
     def unwrap(self, merge: bool) -> nn.Module:
         adapter = self.active_adapter
         if merge and adapter is not None and adapter in self.lora_A:
-            weight = self.base_layer.weight
-            with torch.no_grad():
-                weight.add_(require_finite(self.delta_weight(adapter), adapter).to(weight.dtype))
+            add_to_weight(self.base_layer.weight, self.delta_weight(adapter), adapter)
         return self.base_layer
 
 

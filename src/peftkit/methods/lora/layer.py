@@ -26,7 +26,7 @@ from peftkit.methods.layers import adapter_dtype
 from peftkit.methods.lora.base import LoraLayerBase
 from peftkit.methods.lora.dora import DoraMagnitude, dora_delta, weight_norm
 from peftkit.methods.lora.init import is_weight_moving_init, split_weight
-from peftkit.methods.merging import require_finite
+from peftkit.methods.merging import add_to_weight, require_finite
 from peftkit.methods.targeting import is_conv1d
 
 ADAPTER_LAYER_NAMES = ("lora_A", "lora_B")
@@ -164,13 +164,12 @@ class LoraLinear(LoraLayerBase):
     def unwrap(self, merge: bool) -> nn.Module:
         adapter = self.active_adapter
         if merge and adapter is not None and adapter in self.lora_A:
+            if adapter not in self.lora_magnitude_vector:
+                add_to_weight(self.base_layer.weight, self.delta_weight(adapter), adapter)
+                return self.base_layer
             weight = self.base_layer.weight
             with torch.no_grad():
-                dora = adapter in self.lora_magnitude_vector
-                update = require_finite(
-                    self.merged_weight(adapter) if dora else self.delta_weight(adapter), adapter
-                )
-                weight.copy_(update.to(weight.dtype)) if dora else weight.add_(update.to(weight.dtype))
+                weight.copy_(require_finite(self.merged_weight(adapter), adapter).to(weight.dtype))
         return self.base_layer
 
     def adapter_note(self, adapter_name: str) -> str:
