@@ -43,6 +43,7 @@ class InjectedAdapterModel(TunerBase):
     """Wraps the user's model as ``.model`` and manages the adapters injected into it."""
 
     method_name: ClassVar[str] = "this method"  # for error messages only
+    supports_packing: ClassVar[bool] = True  # weights / per-token activations only
     default_target_modules: ClassVar[dict[str, list[str]]] = {}
     merge_options: ClassVar[bool] = True
 

@@ -6,6 +6,7 @@ model" overrides a hook instead of shared code asking for its name:
 
 * ``forward`` / ``generate``   -- soft prompts prepend virtual tokens or past key/values
 * ``body_hidden_states``       -- the training loss's fast path (see ``train/loss.py``)
+* ``supports_packing``         -- whether packed rows (``train/packing.py``) keep their meaning
 * ``on_train_start``           -- learn the run's length (AdaLoRA's rank-budget schedule)
 * ``regularization_loss``      -- an extra term added to each optimizer step's loss (AdaLoRA)
 * ``on_optimizer_step``        -- after ``optimizer.step()``, before gradients are cleared
@@ -45,6 +46,11 @@ class TunerBase(nn.Module):
     # Whether ``forward`` / ``generate`` take ``adapter_names`` (one adapter per batch row, LoRA).
     supports_mixed_batches: ClassVar[bool] = False
 
+    # Whether several examples may share one row with position_ids restarting per example
+    # (training.packing). True for methods that act on each token's activations or on weights;
+    # methods that prepend virtual tokens or past key/values to a row leave it False.
+    supports_packing: ClassVar[bool] = False
+
     def refuse_adapter_names(self, kwargs: dict[str, Any]) -> None:
         merged = getattr(self, "merged_adapters", None)  # set by methods that can merge_adapter()
         if kwargs.get("adapter_names") is not None and merged:
@@ -71,11 +77,18 @@ class TunerBase(nn.Module):
         return self.model.generate(*args, **kwargs)
 
     def body_hidden_states(
-        self, body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        body: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last hidden states of the transformer ``body`` (the model minus its output layer),
         one per position of ``input_ids``: ``(batch, seq, hidden)``. Methods that add virtual
-        positions must return only the real ones."""
+        positions must return only the real ones. ``position_ids`` (with no ``attention_mask``)
+        come only from packed batches, so only methods with ``supports_packing`` receive them."""
+        if position_ids is not None:
+            return body(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
         return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
 
     def on_train_start(self, total_steps: int) -> None:

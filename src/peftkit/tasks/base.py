@@ -101,6 +101,7 @@ class Task:
     formats: tuple[str, ...]
     generative: bool = False
     has_perplexity: bool = False
+    supports_packing: bool = False  # whether :meth:`pack` exists (training.packing)
 
     def __init__(self) -> None:
         self.labels: list[str] | None = None
@@ -122,6 +123,12 @@ class Task:
 
     def collate(self, examples: Sequence[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def pack(
+        self, examples: Sequence[Any], pad_token_id: int, capacity: int | None
+    ) -> dict[str, torch.Tensor]:
+        """Like :meth:`collate`, with several examples per row of up to ``capacity`` tokens."""
+        raise NotImplementedError(f"{self.task_type.value} has no packed form")
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """What ``loss_sum`` sums over in ``batch`` (here: its examples)."""

@@ -24,6 +24,7 @@ from peftkit.methods.base import TaskType
 from peftkit.tasks.base import Task
 from peftkit.train.batching import collate, count_label_tokens
 from peftkit.train.loss import lm_loss_sum
+from peftkit.train.packing import pack
 
 
 class CausalLMTask(Task):
@@ -32,6 +33,7 @@ class CausalLMTask(Task):
     formats = LM_FORMATS
     generative = True
     has_perplexity = True
+    supports_packing = True
 
     def metadata(self) -> dict[str, Any]:
         return {"task_type": self.task_type.value}
@@ -41,6 +43,12 @@ class CausalLMTask(Task):
 
     def collate(self, examples: Sequence[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
         return collate(examples, pad_token_id)
+
+    def pack(
+        self, examples: Sequence[Any], pad_token_id: int, capacity: int | None
+    ) -> dict[str, torch.Tensor]:
+        longest = max(len(e.input_ids) for e in examples)
+        return pack(examples, pad_token_id, max(capacity or 0, longest))
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return count_label_tokens(batch)

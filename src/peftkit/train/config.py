@@ -89,6 +89,15 @@ class TrainingConfig:
         default=True,
         metadata={"help": "Batch examples of similar length together (less padding), order still seeded."},
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Causal LM: lay each micro-batch's examples end to end in rows of up to data.max_seq_len "
+            "tokens (position ids restart per example, attention stays within it): no padding. On the default "
+            "job length grouping already leaves 1% padding and packing measured no faster; with "
+            "group_by_length off it recovered 7% (see README, Benchmarks)."
+        },
+    )
     log_every: int = field(default=1, metadata={"help": "Write a metrics line every N steps."})
     eval_every: int | None = field(
         default=None,
@@ -328,11 +337,33 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
                 f"(its layers need full-precision weights): use one of {', '.join(able) or 'none'}, "
                 "or set quantization: null"
             )
+    if job is not None and job.training.packing:
+        problems.extend(_packing_problems(job, method, spec, methods))
     if problems:
         raise ConfigError(problems, source)
     assert job is not None
     job.method_config = method_config
     return job
+
+
+def _packing_problems(job: TrainJobConfig, method: str, spec: Any, methods: list[str]) -> list[str]:
+    from peftkit.methods import get_method
+    from peftkit.tasks import get_task
+
+    problems = []
+    if not get_task(job.task).supports_packing:
+        problems.append(
+            f"'training.packing' is true but task {job.task.value} has no packed form (packing joins "
+            "causal-LM examples): set training.packing: false"
+        )
+    if spec is not None and not getattr(spec.model_cls, "supports_packing", False):
+        able = [n for n in methods if getattr(get_method(n).model_cls, "supports_packing", False)]
+        problems.append(
+            f"'training.packing' is true but method {method!r} adds virtual tokens or past key/values to "
+            f"each row, which packed examples would share: set training.packing: false, or use one of "
+            f"{', '.join(able)}"
+        )
+    return problems
 
 
 def _normalise_task(raw: dict[str, Any]) -> list[str]:

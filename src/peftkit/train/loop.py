@@ -13,6 +13,7 @@ job's :class:`peftkit.tasks.Task`; this module never asks which task it is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -43,6 +44,7 @@ from peftkit.train.checkpoint import (
 )
 from peftkit.train.config import TrainJobConfig
 from peftkit.train.metrics import METRICS_FILE, MetricsLog
+from peftkit.train.packing import check_isolation
 from peftkit.train.precision import split_precision, store_in_dtype
 from peftkit.train.schedule import build_scheduler
 from peftkit.train.tokens import add_tokens, check_tokens_for_method, with_new_tokens
@@ -195,6 +197,8 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         split_precision(model, autocast_dtype)
     if not quantized:
         model.to(device)
+    if t.packing:
+        check_isolation(model, device)  # an architecture that ignores position_ids would mix examples
     model.train()
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -243,6 +247,9 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     metrics = MetricsLog(session.output_dir, resume_step=session.start_step)
     accum = t.gradient_accumulation_steps
+    collate = task.collate
+    if t.packing:  # several examples per row, up to max_seq_len tokens (train/packing.py)
+        collate = functools.partial(task.pack, capacity=session.job.data.max_seq_len)
 
     bar = tqdm(
         total=session.total_steps,
@@ -256,7 +263,7 @@ def train(
     model.train()
     for step in range(session.start_step + 1, session.total_steps + 1):
         started = time.perf_counter()
-        batches = [task.collate(session.stream.get((step - 1) * accum + i), pad_id) for i in range(accum)]
+        batches = [collate(session.stream.get((step - 1) * accum + i), pad_id) for i in range(accum)]
         # Normalise by what the loss averages over (label tokens, or examples for classifiers) in
         # the whole optimizer step, not per micro-batch, so every unit weighs the same whatever
         # the batch boundaries.

@@ -35,20 +35,30 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     n_tokens = int(mask.sum())
+    # A packed batch (train/packing.py) separates its examples by position_ids; its attention_mask
+    # only marks real tokens and must not reach the model, which would then ignore the packing.
+    position_ids = batch.get("position_ids")
+    inputs = {"input_ids": batch["input_ids"]}
+    inputs.update(
+        {"position_ids": position_ids}
+        if position_ids is not None
+        else {"attention_mask": batch["attention_mask"]}
+    )
     parts = _body_and_head(model)
     if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**inputs).logits
         # Methods that prepend virtual tokens (prompt tuning) return logits for them too.
         logits = logits[:, -batch["input_ids"].shape[1] : -1][mask]
         return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), n_tokens
     body, head = parts
     tuner = getattr(model, "base_model", None)
     if isinstance(tuner, TunerBase):  # a PeftModel: the method may add prompts or past key/values
-        hidden = tuner.body_hidden_states(body, batch["input_ids"], batch["attention_mask"])
+        packed = (
+            {} if position_ids is None else {"position_ids": position_ids}
+        )  # supports_packing methods only
+        hidden = tuner.body_hidden_states(body, batch["input_ids"], inputs.get("attention_mask"), **packed)
     else:
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[
-            0
-        ]
+        hidden = body(**inputs, use_cache=False)[0]
     selected = hidden[:, :-1][mask]  # (n_tokens, hidden)
     targets = labels[mask]
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -133,9 +133,9 @@ class BottleneckModel(InjectedAdapterModel):
         self._draw_adapter_drop()
         return super().forward(*args, **kwargs)
 
-    def body_hidden_states(self, body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def body_hidden_states(self, body, input_ids, attention_mask, position_ids=None):
         self._draw_adapter_drop()
-        return super().body_hidden_states(body, input_ids, attention_mask)
+        return super().body_hidden_states(body, input_ids, attention_mask, position_ids)
 
     def unload(self, merge: bool) -> nn.Module:
         if merge:  # before any module is swapped back

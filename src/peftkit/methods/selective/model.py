@@ -68,6 +68,7 @@ class SelectiveModel(TunerBase):
     """Wraps the user's model as ``.model`` and trains the parameters a subclass selects."""
 
     method_name: ClassVar[str] = "this method"  # for error messages only
+    supports_packing: ClassVar[bool] = True  # weights / per-token activations only
 
     def __init__(self, model: nn.Module, config: SelectiveConfig, adapter_name: str = "default"):
         super().__init__()
