@@ -10,9 +10,13 @@ One run, on one machine, in four subprocesses (so every peak RSS belongs to one 
     data  (built ONCE per process by peftkit.data from the job's DataConfig -> identical ids)
       |
       v
-    step batches = peftkit's MicroBatchStream(train, batch, seed, group_by_length) for steps 1..N
-      |--> (a) Trainer reads them from an ordered Dataset with train_sampling_strategy="sequential"
-      '--> (b) peftkit's loop draws them itself; a hash of the ids proves both saw the same batches
+      |--> (a) the Trainer shuffles the training examples itself (its default random sampler,
+      |        seeded), as a Trainer user gets them: batches of mixed lengths, padded
+      '--> (b) peftkit's loop draws its own batches (its default: length-grouped, or packed)
+
+    --a-batches peftkit: (a) instead reads peftkit's micro-batches for steps 1..N, in order
+    (train_sampling_strategy="sequential"), and a hash of the ids proves both saw the same batches:
+    the comparison with the batching difference taken out.
 
 Timing: a timestamp after every optimizer step; steps 1-2 are warm-up, the window is step 2's end
 to step N's end. Tokens are non-padding tokens of the timed steps.
@@ -54,7 +58,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "examples" / "tweet-sentiment-lora.yaml"
 DEFAULT_JSON = REPO / "runs" / "benchmarks" / "train_throughput.json"  # runs/ is git-ignored
-CONFIGS = {"a": "transformers Trainer + HF PEFT (bf16=True)", "b": "peftkit train (defaults)"}
+CONFIGS = {
+    "a": "transformers Trainer + HF PEFT (bf16=True), the Trainer's own shuffled batches",
+    "a_same": "transformers Trainer + HF PEFT (bf16=True), on peftkit's batches",
+    "b": "peftkit train (defaults)",
+}
+BASELINES = ("a", "a_same")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the job's)")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the job's data.max_seq_len")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--only", choices=["a", "b"], default=None, help="run one configuration")
+    p.add_argument(
+        "--only",
+        choices=list(CONFIGS),
+        action="append",
+        default=None,
+        help="run this configuration (repeatable)",
+    )
     p.add_argument("--heldout", type=int, default=64, help="test-split examples scored after training")
     p.add_argument("--matmul-size", type=int, default=2048, help="side of the square peak matmuls")
     p.add_argument("--matmul-reps", type=int, default=5, help="timed matmuls per dtype (best is kept)")
@@ -79,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run every configuration in this process (for tests: peak RSS is then not per configuration)",
     )
-    p.add_argument("--worker", choices=["peak", "a", "b", "score"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["peak", *CONFIGS, "score"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 3:
@@ -266,8 +281,8 @@ def worker_peak(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def worker_a(args: argparse.Namespace) -> dict[str, Any]:
-    """transformers Trainer + HF PEFT on the exact step batches of peftkit's loop."""
+def worker_a(args: argparse.Namespace, same_batches: bool = False) -> dict[str, Any]:
+    """transformers Trainer + HF PEFT: on its own shuffled batches, or on exactly peftkit's."""
     import torch
     from peft import LoraConfig as HFLoraConfig
     from peft import get_peft_model as hf_get_peft_model
@@ -278,16 +293,22 @@ def worker_a(args: argparse.Namespace) -> dict[str, Any]:
     from peftkit.train.schedule import lr_multiplier, warmup_steps
 
     work = Path(args.workdir)
-    job = build_job(args, str(work / "a"))
+    name = "a_same" if same_batches else "a"
+    job = build_job(args, str(work / name))
     t = job.training
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     tok = load_tokenizer(job.base_model)
     data = build_data(job, tok)
-    micro = step_batches(job, data.train, args.steps * t.gradient_accumulation_steps)
-    if any(len(b) != t.batch_size for b in micro):
-        raise SystemExit("a step batch is short (epoch end): the Trainer's sequential batches would shift")
-    ordered = [ex for b in micro for ex in b]
+    if same_batches:
+        micro = step_batches(job, data.train, args.steps * t.gradient_accumulation_steps)
+        if any(len(b) != t.batch_size for b in micro):
+            raise SystemExit(
+                "a step batch is short (epoch end): the Trainer's sequential batches would shift"
+            )
+        train_examples = [ex for b in micro for ex in b]
+    else:  # the Trainer's own shuffled batches of the same training examples
+        train_examples = list(data.train)
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(job.base_model))  # transformers defaults
     lc = job.method_config
@@ -305,12 +326,12 @@ def worker_a(args: argparse.Namespace) -> dict[str, Any]:
     counts = param_counts(model.get_base_model())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    class Ordered(torch.utils.data.Dataset):
+    class Examples(torch.utils.data.Dataset):
         def __len__(self) -> int:
-            return len(ordered)
+            return len(train_examples)
 
         def __getitem__(self, i: int) -> Any:
-            return ordered[i]
+            return train_examples[i]
 
     stamps: list[float] = []
     losses: list[float] = []
@@ -348,7 +369,7 @@ def worker_a(args: argparse.Namespace) -> dict[str, Any]:
 
     use_bf16 = t.precision != "fp32" and bf16_supported("cpu")
     targs = TrainingArguments(
-        output_dir=str(work / "a"),
+        output_dir=str(work / name),
         max_steps=args.steps,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -360,7 +381,7 @@ def worker_a(args: argparse.Namespace) -> dict[str, Any]:
         max_grad_norm=t.max_grad_norm if t.max_grad_norm is not None else 0.0,
         bf16=use_bf16,
         seed=t.seed,
-        train_sampling_strategy="sequential",
+        train_sampling_strategy="sequential" if same_batches else "random",
         report_to=[],
         save_strategy="no",
         eval_strategy="no",
@@ -373,24 +394,26 @@ def worker_a(args: argparse.Namespace) -> dict[str, Any]:
     trainer = SameSchedule(
         model=model,
         args=targs,
-        train_dataset=Ordered(),
+        train_dataset=Examples(),
         data_collator=collator,
         callbacks=[Clock()],
     )
     trainer.train()
     rss = peak_rss_mb()
-    model.save_pretrained(work / "a" / "adapter")
+    model.save_pretrained(work / name / "adapter")
     accum = t.gradient_accumulation_steps
+    # The dataloader may fetch a batch ahead of the last step: only the trained ones count.
+    del seen[args.steps * accum :]
     batches = [sum(seen[i : i + accum], []) for i in range(0, len(seen), accum)]
     return {
-        "name": CONFIGS["a"],
+        "name": CONFIGS[name],
         "bf16": use_bf16,
         "optimizer": targs.optim if isinstance(targs.optim, str) else targs.optim.value,
         "attention": model.config._attn_implementation,
         "peak_rss_mb": rss,
         "final_train_loss": losses[-1] if losses else None,
         "batches_digest": digest(seen),
-        "adapter_dir": str(work / "a" / "adapter"),
+        "adapter_dir": str(work / name / "adapter"),
         **timing_summary(stamps, batches, counts, trained),
     }
 
@@ -403,21 +426,24 @@ def worker_b(args: argparse.Namespace) -> dict[str, Any]:
     job = build_job(args, str(work / "b"))
     session = setup(job, overwrite=True)
     session.data.validation = []  # held-out loss is scored by the `score` worker for both
-    seen: list[list[Any]] = []  # the batches the loop really collated, in its order
-    collate = session.task.collate
+    seen: list[list[Any]] = []  # the batches the loop really collated (or packed), in its order
+    task = session.task
 
-    def recording_collate(examples: Any, pad_token_id: int) -> Any:
-        seen.append(list(examples))
-        return collate(examples, pad_token_id)
+    def recording(hook: Any) -> Any:
+        def record(examples: Any, *args: Any, **kwargs: Any) -> Any:
+            seen.append(list(examples))
+            return hook(examples, *args, **kwargs)
 
-    session.task.collate = recording_collate
+        return record
+
+    task.collate, task.pack = recording(task.collate), recording(task.pack)  # instance attributes
     counts = param_counts(session.model.get_base_model())
     trained = sum(p.numel() for p in session.model.parameters() if p.requires_grad)
     stamps: list[float] = []
     session.optimizer.register_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
     train(session, progress=False)
     rss = peak_rss_mb()
-    session.task.collate = collate
+    del task.collate, task.pack  # back to the class's methods
     # With gradient accumulation 1 (the default job) one collate call is one optimizer step.
     accum = job.training.gradient_accumulation_steps
     batches = [sum(seen[i : i + accum], []) for i in range(0, len(seen), accum)]
@@ -426,6 +452,8 @@ def worker_b(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "name": CONFIGS["b"],
         "bf16": session.autocast_dtype is not None,
+        "packing": job.training.packing,
+        "group_by_length": job.training.group_by_length,
         "optimizer": type(session.optimizer).__name__,
         "attention": session.model.get_base_model().config._attn_implementation,
         "peak_rss_mb": rss,
@@ -463,7 +491,13 @@ def worker_score(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-WORKERS = {"peak": worker_peak, "a": worker_a, "b": worker_b, "score": worker_score}
+WORKERS = {
+    "peak": worker_peak,
+    "a": worker_a,
+    "a_same": lambda args: worker_a(args, same_batches=True),
+    "b": worker_b,
+    "score": worker_score,
+}
 
 
 # -- driver -------------------------------------------------------------------------------------------
@@ -488,7 +522,8 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    runs = {k: results[k] for k in ("a", "b") if k in results}
+    runs = {k: results[k] for k in CONFIGS if k in results}
+    ratios = [a for a in BASELINES if a in runs and "b" in runs]
     rows = [
         ("tokens/s (non-pad)", "tokens_per_s", ".1f"),
         ("step time s", "step_time_s", ".3f"),
@@ -498,12 +533,13 @@ def table(results: dict[str, Any]) -> str:
         ("MFU % (dense head)", "mfu_dense_head_pct", ".2f"),
         ("final train loss", "final_train_loss", ".4f"),
     ]
-    head = f"{'':24}" + "".join(f"{k:>12}" for k in runs) + (f"{'b/a':>10}" if len(runs) == 2 else "")
+    head = f"{'':24}" + "".join(f"{k:>12}" for k in runs) + "".join(f"{'b/' + a:>10}" for a in ratios)
     lines = [head]
     for label, key, spec in rows:
         line = f"{label:24}" + "".join(f"{fmt(r.get(key), spec):>12}" for r in runs.values())
-        if len(runs) == 2 and runs["a"].get(key) and runs["b"].get(key) is not None:
-            line += f"{runs['b'][key] / runs['a'][key]:>10.3f}"
+        for a in ratios:
+            if runs[a].get(key) and runs["b"].get(key) is not None:
+                line += f"{runs['b'][key] / runs[a][key]:>10.3f}"
         lines.append(line)
     peak = results["peak"]
     lines.append(
@@ -518,21 +554,25 @@ def table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw_argv)
+    names = [n for n in CONFIGS if n in (args.only or CONFIGS)]
     if args.worker:
-        args.only_list = [args.only] if args.only else ["a", "b"]
+        args.only_list = names
         result = WORKERS[args.worker](args)
         Path(args.workdir, f"{args.worker}.json").write_text(json.dumps(result, indent=2))
         return
     started = time.perf_counter()
-    names = [args.only] if args.only else ["a", "b"]
     with tempfile.TemporaryDirectory(prefix="train_throughput-") as tmp:
         workdir = Path(tmp)
         results: dict[str, Any] = {"peak": run_worker("peak", raw_argv, workdir, args.inprocess)}
         for name in names:
             results[name] = run_worker(name, raw_argv, workdir, args.inprocess)
         results["score"] = run_worker("score", raw_argv, workdir, args.inprocess)
-    if len(names) == 2 and results["a"]["batches_digest"] != results["b"]["batches_digest"]:
-        raise SystemExit("(a) and (b) trained on different token sequences: the benchmark is invalid")
+    if (
+        "a_same" in names
+        and "b" in names
+        and results["a_same"]["batches_digest"] != results["b"]["batches_digest"]
+    ):
+        raise SystemExit("(a_same) and (b) trained on different token sequences: the benchmark is invalid")
     bf16_peak = results["peak"]["bf16_gflops"] * 1e9
     for name in names:
         r = results[name]
@@ -541,11 +581,12 @@ def main(argv: list[str] | None = None) -> None:
         r["model_flops_per_s"] = r["model_flops_timed"] / r["timed_s"]
         r["mfu_pct"] = 100 * r["model_flops_per_s"] / bf16_peak
         r["mfu_dense_head_pct"] = 100 * r["model_flops_timed_dense_head"] / r["timed_s"] / bf16_peak
-    if len(names) == 2:
-        results["ratios_b_over_a"] = {
-            k: results["b"][k] / results["a"][k]
-            for k in ("tokens_per_s", "step_time_s", "peak_rss_mb", "heldout_loss", "mfu_pct")
-        }
+    for a in BASELINES:
+        if a in names and "b" in names:
+            results[f"ratios_b_over_{a}"] = {
+                k: results["b"][k] / results[a][k]
+                for k in ("tokens_per_s", "step_time_s", "peak_rss_mb", "heldout_loss", "mfu_pct")
+            }
     results["settings"] = {
         "config": args.config,
         "model": args.model,
