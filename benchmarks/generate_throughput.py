@@ -33,6 +33,7 @@ import copy
 import csv
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -180,15 +181,16 @@ def profile_lora(
 ) -> dict[str, Any]:
     """Where one unmerged-LoRA call spends its time: top ops, and the share of LoRA's own matmuls.
 
-    LoRA's matmuls are the ``aten::mm`` calls whose second operand has the rank as a dimension
-    (A: (in, r), B: (r, out)); with SmolLM2 (576 / 192 / 1536 wide) no frozen weight has one.
+    LoRA's matmuls are the ``aten::mm`` / ``aten::addmm`` calls whose second operand has the rank
+    as a dimension (x @ A^T: A^T is (in, r); result + s * h @ B^T: h is (tokens, r)); with
+    SmolLM2 (576 / 192 / 1536 wide) no frozen weight has one.
     """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         run_once(model, tokenizer, prompts[: args.batch_size], args)
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    mm = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::mm"]
+    mm = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm")]
     lora = [e for e in mm if len(e.input_shapes) > 1 and args.r in (e.input_shapes[1] or [])]
     return {
         "self_cpu_us_total": total,
@@ -202,20 +204,22 @@ def profile_lora(
 
 def table(results: dict[str, Any]) -> str:
     runs = results["configs"]
-    head = f"{'configuration':50}{'tokens/s':>10}{'x base':>8}{'best rep':>10}{'x base':>8}"
+    head = f"{'configuration':50}{'tokens/s':>10}{'x base':>8}{'best rep':>10}{'x base':>8}{'paired':>8}"
     lines = [head + f"{'tokens':>8}{'same as lora':>14}"]
     for key, r in runs.items():
         same = r.get("same_tokens_as_lora")
         lines.append(
             f"{key + ': ' + r['name']:50}{r['tokens_per_s']:>10.1f}{r['ratio_to_base']:>8.3f}"
             f"{r['best_tokens_per_s']:>10.1f}{r['best_ratio_to_base']:>8.3f}"
+            f"{r['median_paired_ratio_to_base']:>8.3f}"
             f"{r['tokens']:>8}{'-' if same is None else f'{same:.2f}':>14}"
         )
     s = results["settings"]
     lines.append(
         f"{s['prompts']} prompts, batch {s['batch_size']}, max_new_tokens {s['max_new_tokens']}, "
         f"{s['dtype']}, {s['threads']} threads, {s['reps']} reps (round-robin); tokens/s: all reps, "
-        "best rep: the fastest rep of each configuration"
+        "best rep: the fastest rep of each configuration; paired: median over reps of the ratio to the "
+        "base model's run in the same rep"
     )
     return "\n".join(lines)
 
@@ -265,6 +269,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, r in configs.items():
         r["ratio_to_base"] = r["tokens_per_s"] / configs["base"]["tokens_per_s"]
         r["best_ratio_to_base"] = r["best_tokens_per_s"] / configs["base"]["best_tokens_per_s"]
+        # Paired within each rep (the configurations ran back to back), then the median: drift in
+        # the machine's speed over minutes cancels, which totals over all reps do not do.
+        paired = sorted(
+            (c / t) / (cb / tb)
+            for c, t, cb, tb in zip(counts[name], times[name], counts["base"], times["base"])
+        )
+        r["median_paired_ratio_to_base"] = statistics.median(paired)
         if name != "lora" and "lora" in outputs:  # base: how much the adapter changes the output
             same = sum(a == b for a, b in zip(outputs[name], outputs["lora"]))
             r["same_tokens_as_lora"] = same / len(prompts)

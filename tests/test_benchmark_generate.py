@@ -20,6 +20,7 @@ RUN_FIELDS = {
     "best_tokens_per_s",
     "ratio_to_base",
     "best_ratio_to_base",
+    "median_paired_ratio_to_base",
 }
 
 
@@ -62,7 +63,13 @@ def test_benchmark_every_configuration(tmp_path, tiny_model_dir, capsys, batch_s
     # ... and the check is not vacuous: the random adapter changes the base model's tokens.
     assert configs["base"]["same_tokens_as_lora"] < 1.0
     assert "same_tokens_as_lora" not in configs["lora"]
-    assert configs["base"]["ratio_to_base"] == 1.0
+    assert configs["base"]["ratio_to_base"] == 1.0 == configs["base"]["median_paired_ratio_to_base"]
+    for run in configs.values():  # the median of two paired ratios lies between them
+        paired = [
+            (run["tokens"] / t) / (configs["base"]["tokens"] / tb)
+            for t, tb in zip(run["rep_times_s"], configs["base"]["rep_times_s"])
+        ]
+        assert min(paired) - 1e-9 <= run["median_paired_ratio_to_base"] <= max(paired) + 1e-9
     s = results["settings"]
     assert s["prompts"] == 2 and s["batch_size"] == batch_size and s["threads"] == 1 and s["reps"] == 2
     assert s["dtype"] == "fp32" and len(s["prompt_tokens"]) == 2
