@@ -117,3 +117,13 @@ def test_qlora_on_cuda_matches_peft_and_trains(tmp_path, bits):
         losses.append(loss.item())
     # a random tiny model with adapters on three layer types learns slowly but steadily
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_loss_on_cuda_equals_unpacked(attention):
+    """Sample packing through CUDA's attention kernels: same loss and gradients as padded rows."""
+    from test_packing import _lora, check_packed_equals_unpacked
+
+    base = make_tiny_llama(vocab_size=100)
+    base.set_attn_implementation(attention)
+    check_packed_equals_unpacked(_lora(base).cuda(), capacity=16, device="cuda")

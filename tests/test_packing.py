@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tests._tiny_models import make_tiny_gpt2
-from tests.conftest import make_tiny_llama, train_tiny
 
+from _tiny_models import make_tiny_gpt2
+from conftest import make_tiny_llama, train_tiny
 from peftkit import LoraConfig, get_peft_model
 from peftkit.errors import PeftkitError
 from peftkit.train.batching import IGNORE_INDEX, collate
@@ -90,13 +90,10 @@ def _loss_and_grads(model, batch):
     return loss.detach(), n, grads
 
 
-@pytest.mark.parametrize("capacity", [9, 16, 1000])
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_packed_loss_and_gradients_equal_unpacked(arch, capacity):
-    model = _lora(ARCHITECTURES[arch]())
+def check_packed_equals_unpacked(model, capacity: int, device: str = "cpu") -> None:
     examples = _examples(100)
-    unpacked = collate(examples, pad_token_id=0)
-    packed = pack(examples, pad_token_id=0, capacity=capacity)
+    unpacked = {k: v.to(device) for k, v in collate(examples, pad_token_id=0).items()}
+    packed = {k: v.to(device) for k, v in pack(examples, pad_token_id=0, capacity=capacity).items()}
     assert packed["input_ids"].shape[0] < len(examples)  # several examples really share rows
     loss_u, n_u, grads_u = _loss_and_grads(model, unpacked)
     loss_p, n_p, grads_p = _loss_and_grads(model, packed)
@@ -105,6 +102,15 @@ def test_packed_loss_and_gradients_equal_unpacked(arch, capacity):
     torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-5)
     for name, grad in grads_u.items():
         torch.testing.assert_close(grads_p[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("capacity", [9, 16, 1000])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_packed_loss_and_gradients_equal_unpacked(arch, capacity, attention):
+    base = ARCHITECTURES[arch]()
+    base.set_attn_implementation(attention)
+    check_packed_equals_unpacked(_lora(base), capacity)
 
 
 def test_packing_without_boundary_labels_would_differ():
