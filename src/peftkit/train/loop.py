@@ -43,6 +43,7 @@ from peftkit.train.checkpoint import (
     save_checkpoint,
 )
 from peftkit.train.config import TrainJobConfig
+from peftkit.train.distributed import World, data_parallel, no_sync
 from peftkit.train.metrics import METRICS_FILE, MetricsLog
 from peftkit.train.packing import check_isolation
 from peftkit.train.precision import split_precision, store_in_dtype
@@ -53,8 +54,12 @@ ADAPTER_DIR = "adapter"
 RESULTS_FILE = "eval_results.json"
 
 
+_quiet = False  # set on every rank but 0 of a distributed run: one copy of each message
+
+
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if not _quiet:
+        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -73,6 +78,8 @@ class TrainSession:
     stream: MicroBatchStream
     total_steps: int
     task: Task = field(default_factory=lambda: get_task(None))
+    world: World = field(default_factory=World)
+    loss_module: Any = None  # the task's loss as a module (DDP-wrapped when distributed), set by setup
     start_step: int = 0
     tokens_seen: int = 0
     results: dict[str, Any] = field(default_factory=dict)
@@ -139,12 +146,19 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
 
     t = job.training
     check_tokens_for_method(job.tokens, job.method, job.method_config)
-    output_dir = Path(job.output_dir)
-    checkpoint = prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
+    world = World.from_environment()  # torchrun's processes, or rank 0 of 1
+    global _quiet
+    _quiet = not world.is_main
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    seed_everything(t.seed)
-    device = resolve_device(t.device)
+    device = world.start(resolve_device(t.device))
+    output_dir = Path(job.output_dir)
+    if world.is_main:
+        checkpoint = prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
+    world.barrier()  # the other ranks read the directory only once rank 0 has prepared it
+    if not world.is_main:
+        checkpoint = latest_checkpoint(output_dir) if resume else None
+    seed_everything(t.seed)  # the same on every rank: identical adapter initialisation
     autocast_dtype = resolve_autocast(t.precision, device)
     task = get_task(job.task)
     task.prepare(job.data)  # e.g. the label set, which sizes the classification head
@@ -179,9 +193,10 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
 
     previous = _read_results(output_dir) if checkpoint is not None else {}
     results: dict[str, Any] = {"before": previous.get("before")} if previous.get("before") else {}
-    if job.evaluation.accuracy_before and not results.get("before") and data.test:
+    if job.evaluation.accuracy_before and not results.get("before") and data.test and world.is_main:
         say(f"Evaluating the base model on {count_rows(data.test)} held-out examples ...")
         results["before"] = evaluate_test(job, task, model, tokenizer, data.test, autocast_dtype, "before")
+    world.barrier()
 
     torch.manual_seed(t.seed)  # adapter init does not depend on what evaluation consumed
     # The adapter records the name the job used (a built-in alias stays portable, unlike its
@@ -214,7 +229,11 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         # LoRA on SmolLM2-135M's 420 adapter tensors (2-core CPU, measured); same update rule.
         fused=device.type in ("cpu", "cuda"),
     )
-    stream = MicroBatchStream(data.train, t.batch_size, seed=t.seed, group_by_length=t.group_by_length)
+    # Global micro-batches of batch_size examples per rank, in the single-process order (see
+    # train/distributed.py): each rank trains on its share.
+    stream = MicroBatchStream(
+        data.train, t.batch_size * world.size, seed=t.seed, group_by_length=t.group_by_length
+    )
     total_steps = total_optimizer_steps(job, stream.batches_per_epoch)
     model.base_model.on_train_start(total_steps)  # e.g. AdaLoRA's rank-budget schedule
     scheduler = build_scheduler(optimizer, t, total_steps)
@@ -232,14 +251,17 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         stream,
         total_steps,
         task,
+        world=world,
         results=results,
     )
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
         session.start_step, session.tokens_seen = state.step, state.tokens_seen
         say(f"Resumed from {checkpoint} (step {state.step} of {total_steps})")
-    with atomic_file(output_dir / "train_config.yaml", "w") as handle:
-        yaml.safe_dump(job.to_yaml_dict(), handle, sort_keys=False)
+    session.loss_module = data_parallel(model, task, world, device)
+    if world.is_main:
+        with atomic_file(output_dir / "train_config.yaml", "w") as handle:
+            yaml.safe_dump(job.to_yaml_dict(), handle, sort_keys=False)
     return session
 
 
@@ -248,11 +270,12 @@ def train(
 ) -> dict[str, Any]:
     """Run the optimisation; ``stop_after_step`` simulates an interruption (for tests)."""
     t = session.job.training
-    task = session.task
+    task, world = session.task, session.world
     model, optimizer, scheduler = session.model, session.optimizer, session.scheduler
+    loss_module = session.loss_module or data_parallel(model, task, world, session.device)
     pad_id = session.tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
-    metrics = MetricsLog(session.output_dir, resume_step=session.start_step)
+    metrics = MetricsLog(session.output_dir, resume_step=session.start_step, enabled=world.is_main)
     accum = t.gradient_accumulation_steps
     collate = task.collate
     if t.packing:  # several examples per row, up to max_seq_len tokens (train/packing.py)
@@ -261,7 +284,7 @@ def train(
     bar = tqdm(
         total=session.total_steps,
         initial=session.start_step,
-        disable=not progress,
+        disable=not progress or not world.is_main,
         desc="train",
         unit="step",
         dynamic_ncols=True,
@@ -270,20 +293,27 @@ def train(
     model.train()
     for step in range(session.start_step + 1, session.total_steps + 1):
         started = time.perf_counter()
-        batches = [collate(session.stream.get((step - 1) * accum + i), pad_id) for i in range(accum)]
+        # This rank's share of each global micro-batch (all of it in a single process).
+        shards = [world.shard(session.stream.get((step - 1) * accum + i)) for i in range(accum)]
+        batches = [collate(examples, pad_id) for examples, _ in shards]
+        weights = [1.0 if real else 0.0 for _, real in shards]
         # Normalise by what the loss averages over (label tokens, or examples for classifiers) in
-        # the whole optimizer step, not per micro-batch, so every unit weighs the same whatever
-        # the batch boundaries.
-        step_label_tokens = max(1, sum(task.count(b) for b in batches))
+        # the whole optimizer step on all ranks, not per micro-batch, so every unit weighs the
+        # same whatever the batch boundaries; DDP averages gradients over ranks, hence x size.
+        local_count = sum(task.count(b) for b, w in zip(batches, weights) if w)
+        step_label_tokens = max(1, int(world.sum([local_count], session.device)[0]))
         step_loss = 0.0
         step_tokens = 0
-        for batch in batches:
+        for i, batch in enumerate(batches):
             batch = {k: v.to(session.device) for k, v in batch.items()}
-            with autocast(session):
-                loss_sum, _ = task.loss_sum(model, batch)
-            (loss_sum / step_label_tokens).backward()
-            step_loss += loss_sum.item()
-            step_tokens += int(batch["attention_mask"].sum())
+            with no_sync(loss_module, last=i == len(batches) - 1):  # one all-reduce per step
+                with autocast(session):
+                    loss_sum, _ = loss_module(batch)
+                (loss_sum * (weights[i] * world.size) / step_label_tokens).backward()
+            step_loss += weights[i] * loss_sum.item()
+            step_tokens += int(weights[i]) * int(batch["attention_mask"].sum())
+        step_loss, step_tokens = world.sum([step_loss, step_tokens], session.device)
+        step_tokens = int(step_tokens)
         regularization = model.base_model.regularization_loss()  # e.g. AdaLoRA's orthogonality term
         if regularization is not None:
             regularization.backward()
@@ -327,19 +357,23 @@ def train(
             and step != session.total_steps
             and session.data.validation
         ):
-            metrics.log({"step": step, **validation_loss(session)})
-            model.train()
+            if world.is_main:
+                metrics.log({"step": step, **validation_loss(session)})
+                model.train()
+            world.barrier()
         if t.save_every and step % t.save_every == 0 and step != session.total_steps:
-            save_checkpoint(
-                session.output_dir,
-                step=step,
-                tokens_seen=session.tokens_seen,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                keep=t.keep_checkpoints,
-            )
-            metrics.plot(force=False)
+            if world.is_main:  # the ranks' adapters and optimizer states are identical
+                save_checkpoint(
+                    session.output_dir,
+                    step=step,
+                    tokens_seen=session.tokens_seen,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    keep=t.keep_checkpoints,
+                )
+                metrics.plot(force=False)
+            world.barrier()
         if stop_after_step is not None and step >= stop_after_step:
             bar.close()
             return {"interrupted_at": step}
@@ -348,7 +382,10 @@ def train(
 
 
 def finish(session: TrainSession, metrics: MetricsLog) -> dict[str, Any]:
-    """Save the adapter, evaluate on held-out data, and write the results and the plot."""
+    """Save the adapter, evaluate on held-out data, and write the results and the plot (rank 0)."""
+    if not session.world.is_main:
+        session.world.barrier()  # until rank 0 has written everything
+        return {}
     job = session.job
     adapter_dir = session.output_dir / ADAPTER_DIR
     session.model.save_pretrained(adapter_dir)
@@ -375,6 +412,7 @@ def finish(session: TrainSession, metrics: MetricsLog) -> dict[str, Any]:
     write_json(session.output_dir / RESULTS_FILE, results)
     plot = metrics.plot()
     report(session.task, results, plot)
+    session.world.barrier()
     return results
 
 
@@ -422,6 +460,13 @@ def run_training(
     stop_after_step: int | None = None,
 ) -> dict[str, Any]:
     session = setup(job, resume=resume, overwrite=overwrite)
-    if session.results.get("before") and not (session.output_dir / RESULTS_FILE).exists():
-        write_json(session.output_dir / RESULTS_FILE, session.results)
-    return train(session, stop_after_step=stop_after_step, progress=progress)
+    try:
+        before_only = session.results.get("before") and not (session.output_dir / RESULTS_FILE).exists()
+        if before_only and session.world.is_main:
+            write_json(session.output_dir / RESULTS_FILE, session.results)
+        results = train(session, stop_after_step=stop_after_step, progress=progress)
+    except BaseException:
+        session.world.stop(failed=True)
+        raise
+    session.world.stop()
+    return results

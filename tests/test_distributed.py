@@ -1,0 +1,144 @@
+"""Data-parallel training (train/distributed.py): 2 processes with gloo equal 1 process.
+
+Each case trains the same global batch once in one process and once under `peftkit train
+--nproc 2` (torchrun, gloo on this CPU); the adapters must agree to 1e-5 (fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import TINY_ROWS
+from peftkit.cli.train import torchrun_command
+from peftkit.train.config import build_job_config
+from peftkit.train.distributed import World
+from peftkit.train.loop import run_training
+
+
+def _raw_job(model_dir, tmp_path, out, *, batch_size, test_size, accum, steps=4) -> dict:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
+    return {
+        "base_model": str(model_dir),
+        "method": "lora",
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+        "data": {"train": str(data), "test_size": test_size},
+        "training": {
+            "max_steps": steps,
+            "batch_size": batch_size,
+            "gradient_accumulation_steps": accum,
+            "learning_rate": 1e-2,
+            "precision": "fp32",
+            "seed": 7,
+            "log_every": 1,
+        },
+        "evaluation": {"accuracy_after": False},
+        "output_dir": str(out),
+    }
+
+
+def _train_two_processes(raw: dict, tmp_path) -> subprocess.CompletedProcess:
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "peftkit", "train", str(config), "--nproc", "2", "--no-progress"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "per_rank_batch,test_size,accum",
+    [
+        (2, 4, 2),  # 12 examples, global micro-batch 4, two micro-batches per step
+        (5, 5, 1),  # 11 examples, global micro-batch 10: each epoch ends with one example, rank 1 idles
+    ],
+)
+def test_two_processes_end_with_the_single_process_adapter(
+    tiny_model_dir, tmp_path, per_rank_batch, test_size, accum
+):
+    single_out, multi_out = tmp_path / "single", tmp_path / "multi"
+    single = _raw_job(
+        tiny_model_dir, tmp_path, single_out, batch_size=2 * per_rank_batch, test_size=test_size, accum=accum
+    )
+    run_training(build_job_config(single), progress=False)
+    multi = _raw_job(
+        tiny_model_dir, tmp_path, multi_out, batch_size=per_rank_batch, test_size=test_size, accum=accum
+    )
+    done = _train_two_processes(multi, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    a = load_file(single_out / "adapter" / "adapter_model.safetensors")
+    b = load_file(multi_out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-5, key
+    assert any(float(t.abs().max()) > 0 for k, t in a.items() if "lora_B" in k)  # it really trained
+    # One metrics line per step (rank 0 only), with the global loss and token count.
+    single_m, multi_m = _metrics(single_out), _metrics(multi_out)
+    assert [r["step"] for r in multi_m] == [r["step"] for r in single_m] == [1, 2, 3, 4]
+    for x, y in zip(single_m, multi_m):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * max(1.0, abs(x["loss"]))
+        assert x["tokens_seen"] == y["tokens_seen"]
+        # Adam's update hardly depends on the gradient's scale: the gradient norm itself must match.
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * max(1.0, x["grad_norm"])
+    # Only rank 0 printed the results.
+    assert done.stdout.count("=== peftkit train: results ===") == 1
+
+
+def test_shard_splits_a_global_batch_and_pads_an_idle_rank():
+    examples = list("abcde")
+    assert World(2, 0).shard(examples) == (["a", "c", "e"], True)
+    assert World(2, 1).shard(examples) == (["b", "d"], True)
+    assert World(3, 2).shard(["a", "b"]) == (["a"], False)  # no example left: a zero-weight stand-in
+    assert World().shard(examples) == (examples, True)
+
+
+def test_nproc_builds_the_torchrun_command():
+    args = Namespace(
+        config="job.yaml",
+        overrides=["training.max_steps=3"],
+        resume=True,
+        overwrite=False,
+        no_progress=True,
+        nproc=4,
+    )
+    command = torchrun_command(args)
+    assert command[:5] == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=4",
+    ]
+    assert command[5:] == [
+        "-m",
+        "peftkit",
+        "train",
+        "job.yaml",
+        "--set",
+        "training.max_steps=3",
+        "--resume",
+        "--no-progress",
+    ]
+
+
+def test_world_reads_torchrun_environment(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert World.from_environment() == World(1, 0, 0) and not World().distributed
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    world = World.from_environment()
+    assert world == World(4, 3, 1) and world.distributed and not world.is_main
+    assert torch.device("cpu") == World().start(torch.device("cpu"))  # one process: nothing to join
