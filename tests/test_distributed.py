@@ -142,3 +142,56 @@ def test_world_reads_torchrun_environment(monkeypatch):
     world = World.from_environment()
     assert world == World(4, 3, 1) and world.distributed and not world.is_main
     assert torch.device("cpu") == World().start(torch.device("cpu"))  # one process: nothing to join
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(tiny_model_dir, tmp_path):
+    """A checkpoint written under torchrun resumes in a single process with the same global batch
+    (batch_size x processes) and ends exactly where the 2-process run ended."""
+    import shutil
+
+    straight = tmp_path / "straight"
+    raw = _raw_job(tiny_model_dir, tmp_path, straight, batch_size=2, test_size=4, accum=2, steps=5)
+    raw["training"]["save_every"] = 2
+    done = _train_two_processes(raw, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    single = _raw_job(tiny_model_dir, tmp_path, resumed, batch_size=4, test_size=4, accum=2, steps=5)
+    single["training"]["save_every"] = 2
+    run_training(build_job_config(single), resume=True, progress=False)
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-5, key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method,section",
+    [
+        ("ia3", {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
+        ("adalora", {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1, "total_step": 4}),
+        ("prompt_tuning", {"num_virtual_tokens": 3}),
+        ("full", {}),
+    ],
+)
+def test_other_methods_under_two_processes(tiny_model_dir, tmp_path, method, section):
+    """Methods with their own hooks (AdaLoRA's regularisation and rank allocation, soft prompts'
+    forward, full fine-tuning's many parameters) give the single-process result too."""
+    single_out, multi_out = tmp_path / "single", tmp_path / "multi"
+    runs = {}
+    for out, batch, nproc in [(single_out, 4, 1), (multi_out, 2, 2)]:
+        raw = _raw_job(tiny_model_dir, tmp_path, out, batch_size=batch, test_size=4, accum=1)
+        del raw["lora"]
+        raw.update(method=method, **{method: section})
+        if nproc == 1:
+            run_training(build_job_config(raw), progress=False)
+        else:
+            done = _train_two_processes(raw, tmp_path)
+            assert done.returncode == 0, done.stderr[-4000:]
+        runs[nproc] = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert runs[1].keys() == runs[2].keys() and runs[1]
+    for key in runs[1]:  # (AdaLoRA may cut a layer's rank to 0: empty tensors)
+        torch.testing.assert_close(runs[2][key], runs[1][key], atol=1e-5, rtol=0, msg=key)
+    for x, y in zip(_metrics(single_out), _metrics(multi_out)):
+        assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * max(1.0, x["grad_norm"])
