@@ -195,3 +195,29 @@ def test_other_methods_under_two_processes(tiny_model_dir, tmp_path, method, sec
         torch.testing.assert_close(runs[2][key], runs[1][key], atol=1e-5, rtol=0, msg=key)
     for x, y in zip(_metrics(single_out), _metrics(multi_out)):
         assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5 * max(1.0, x["grad_norm"])
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_failing_rank_brings_the_job_down(tiny_model_dir, tmp_path, how):
+    """Rank 1 raises (or is SIGKILLed) at its third step: the job ends with an error within
+    seconds, rank 0 says it lost the other process instead of waiting in the all-reduce, and
+    nothing claims to be a finished adapter."""
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    raw = _raw_job(tiny_model_dir, tmp_path, out, batch_size=2, test_size=4, accum=1, steps=6)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    script = Path(__file__).with_name("_failing_rank.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    started = time.monotonic()
+    done = subprocess.run(
+        [*command, str(script), how, str(config)], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode != 0
+    assert time.monotonic() - started < 120
+    assert "rank 1" in done.stderr or "local_rank: 1" in done.stderr, done.stderr[-3000:]
+    if how == "raise":  # torchrun's failure summary carries rank 1's error (its error file)
+        assert "injected failure on rank 1" in done.stderr.split("Root Cause")[-1]
+    assert not (out / "adapter").exists()

@@ -73,5 +73,10 @@ def run(args: argparse.Namespace) -> int:
             return subprocess.run(torchrun_command(args)).returncode
     from peftkit.train.loop import run_training
 
-    run_training(job, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    train = run_training
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: its failure summary shows our error
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        train = record(run_training)
+    train(job, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     return 0
