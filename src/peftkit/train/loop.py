@@ -1,11 +1,13 @@
 """The training loop, top to bottom.
 
-``setup`` builds everything in dependency order (output dir -> seeds -> device -> task, whose
-label set sizes a classifier head -> model and tokenizer -> data, which needs the tokenizer ->
-adapter, which needs the model -> optimizer, which needs the adapter's parameters -> scheduler
--> resume state, which needs all of them).
-``train`` is one explicit loop: micro-batches, accumulation normalised by what the loss
-averages over, clipping, optimizer and scheduler steps, logging, evaluation and checkpoints.
+``setup`` builds everything in dependency order (process group and device -> output dir, which
+rank 0 prepares -> seeds -> task, whose label set sizes a classifier head -> model and tokenizer
+-> data, which needs the tokenizer -> adapter, which needs the model -> optimizer, which needs
+the adapter's parameters -> scheduler -> resume state, which needs all of them -> the loss
+module, DDP-wrapped under torchrun).
+``train`` is one explicit loop: this rank's share of each micro-batch, accumulation normalised
+by what the loss averages over on all ranks, clipping, optimizer and scheduler steps, logging,
+evaluation and checkpoints (rank 0 writes; see ``train/distributed.py``).
 What depends on the task type (head, data encoding, batching, loss, metrics) is a hook of the
 job's :class:`peftkit.tasks.Task`; this module never asks which task it is.
 """
