@@ -95,13 +95,18 @@ def tiny_model_dir(tmp_path_factory):
     ``initializer_range=0.2`` makes logits sensitive enough to hidden-state changes that an
     adapter can lower the loss within a few steps (at 0.02 they are nearly uniform).
     """
-    path = tmp_path_factory.mktemp("tiny-llama")
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def save_tiny_model_dir(path, **overrides):
+    """Save a tiny Llama (``make_tiny_llama`` with ``overrides``) and the tiny tokenizer to ``path``."""
     tok = make_tiny_tokenizer()
     model = make_tiny_llama(
         vocab_size=len(tok),
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         initializer_range=0.2,
+        **overrides,
     )
     model.save_pretrained(path)
     tok.save_pretrained(path)

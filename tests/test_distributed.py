@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TINY_ROWS, make_tiny_llama, make_tiny_tokenizer
+from conftest import TINY_ROWS, save_tiny_model_dir
 from peftkit.cli.train import torchrun_command
 from peftkit.train.config import build_job_config
 from peftkit.train.distributed import World
@@ -182,18 +182,7 @@ def test_other_methods_under_two_processes(tiny_model_dir, tmp_path, method, sec
     forward, full fine-tuning's many parameters) give the single-process result too."""
     single_out, multi_out = tmp_path / "single", tmp_path / "multi"
     if method == "qlora-4bit":  # NF4 blocks of 64 need layers at least 64 wide
-        tiny_model_dir = tmp_path / "wide-model"
-        tok = make_tiny_tokenizer()
-        wide = make_tiny_llama(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            initializer_range=0.2,
-        )
-        wide.save_pretrained(tiny_model_dir)
-        tok.save_pretrained(tiny_model_dir)
+        tiny_model_dir = save_tiny_model_dir(tmp_path / "wide-model", hidden_size=64, intermediate_size=128)
     runs = {}
     for out, batch, nproc in [(single_out, 4, 1), (multi_out, 2, 2)]:
         raw = _raw_job(tiny_model_dir, tmp_path, out, batch_size=batch, test_size=4, accum=1)

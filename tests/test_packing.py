@@ -37,11 +37,12 @@ def _examples(vocab: int, lengths=(7, 3, 9, 5, 2, 6), seed: int = 0) -> list[Ex]
     return out
 
 
-def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _gqa_model(name: str):
+    """A tiny Qwen2 / Mistral causal LM (grouped-query attention, RoPE)."""
+    import transformers
 
     torch.manual_seed(0)
-    config = Qwen2Config(
+    config = getattr(transformers, f"{name}Config")(
         vocab_size=100,
         hidden_size=32,
         intermediate_size=64,
@@ -50,30 +51,14 @@ def _qwen2():
         num_key_value_heads=2,
         max_position_embeddings=128,
     )
-    return Qwen2ForCausalLM(config).eval()
-
-
-def _mistral():
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return MistralForCausalLM(config).eval()
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
 
 
 ARCHITECTURES = {
     "llama": lambda: make_tiny_llama(vocab_size=100),
     "gpt2": lambda: make_tiny_gpt2(vocab_size=100),
-    "qwen2": _qwen2,
-    "mistral": _mistral,
+    "qwen2": lambda: _gqa_model("Qwen2"),
+    "mistral": lambda: _gqa_model("Mistral"),
 }
 
 

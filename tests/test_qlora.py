@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_ROWS, make_tiny_llama, make_tiny_tokenizer
+from conftest import TINY_ROWS, make_tiny_llama, make_tiny_tokenizer, save_tiny_model_dir
 
 pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install 'peftkit[qlora]'")
 peft = pytest.importorskip("peft")
@@ -51,19 +51,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-64")
-    tok = make_tiny_tokenizer()
-    model = make_tiny_llama(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.2,
+    return save_tiny_model_dir(
+        tmp_path_factory.mktemp("tiny-llama-64"), hidden_size=64, intermediate_size=128
     )
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def quantized(model_dir, bits: int):
