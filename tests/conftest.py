@@ -146,3 +146,13 @@ def train_tiny(model_dir, out, method: str, section: dict, **training) -> list[f
     run_training(job, progress=False)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in metrics if "loss" in r]
+
+
+def load_benchmark(path):
+    """Import a script of benchmarks/ (not a package) as a module, for its tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

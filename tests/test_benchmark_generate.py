@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+
+from conftest import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "generate_throughput.py"
 RUN_FIELDS = {
@@ -25,10 +26,7 @@ RUN_FIELDS = {
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("generate_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(SCRIPT)
 
 
 @pytest.mark.parametrize("batch_size", [2, 1])

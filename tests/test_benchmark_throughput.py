@@ -5,7 +5,6 @@ The fast test runs the configurations in-process; the slow one runs the real sub
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,6 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from conftest import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
 ROWS = [
@@ -48,10 +49,7 @@ RUN_FIELDS = [
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(SCRIPT)
 
 
 def bench_argv(tmp_path: Path, model_dir: Path, steps: int = 3) -> list[str]:
