@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -339,11 +339,14 @@ class PeftModel(nn.Module):
         safe_serialization: bool = True,
         is_main_process: bool = True,
         save_embedding_layers: bool | str = "auto",
+        state_dict: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as PEFT does.
 
         The "default" adapter goes into ``save_directory``, others into ``save_directory/<name>``.
-        ``is_main_process=False`` writes nothing (for multi-process training).
+        ``is_main_process=False`` writes nothing (for multi-process training); as in PEFT, every
+        process still reads the tensors, so that a ``state_dict`` which gathers shards when read
+        (``peftkit.train.fsdp.FullStateDict``) sees every process take part.
         ``save_embedding_layers`` (PEFT's option): also save the full input/output embedding
         matrices; "auto" does so when ``embed_tokens``/``lm_head`` is a target or the vocabulary
         was resized (``config.vocab_size`` differs from the base model's).
@@ -354,6 +357,12 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"no adapter(s) named {unknown}; adapters: {', '.join(self.peft_config)}")
+        tensors = {
+            name: get_peft_model_state_dict(
+                self, name, state_dict=state_dict, save_embedding_layers=save_embedding_layers
+            )
+            for name in names
+        }
         if not is_main_process:
             return
         base = self.get_base_model()
@@ -368,10 +377,7 @@ class PeftModel(nn.Module):
                 if config["task_type"] is None
                 else None
             )
-            adapters["" if name == "default" else name] = (
-                get_peft_model_state_dict(self, name, save_embedding_layers=save_embedding_layers),
-                config,
-            )
+            adapters["" if name == "default" else name] = (tensors[name], config)
         save_adapters(save_directory, adapters)
 
     @classmethod

@@ -44,6 +44,7 @@ class InjectedAdapterModel(TunerBase):
 
     method_name: ClassVar[str] = "this method"  # for error messages only
     supports_packing: ClassVar[bool] = True  # weights / per-token activations only
+    supports_fsdp: ClassVar[bool] = True  # tests/test_fsdp.py
     default_target_modules: ClassVar[dict[str, list[str]]] = {}
     merge_options: ClassVar[bool] = True
 

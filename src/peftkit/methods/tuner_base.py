@@ -7,6 +7,7 @@ model" overrides a hook instead of shared code asking for its name:
 * ``forward`` / ``generate``   -- soft prompts prepend virtual tokens or past key/values
 * ``body_hidden_states``       -- the training loss's fast path (see ``train/loss.py``)
 * ``supports_packing``         -- whether packed rows (``train/packing.py``) keep their meaning
+* ``supports_fsdp``            -- whether sharded training (``train/fsdp.py``) is tested for it
 * ``on_train_start``           -- learn the run's length (AdaLoRA's rank-budget schedule)
 * ``regularization_loss``      -- an extra term added to each optimizer step's loss (AdaLoRA)
 * ``on_optimizer_step``        -- after ``optimizer.step()``, before gradients are cleared
@@ -50,6 +51,11 @@ class TunerBase(nn.Module):
     # (training.packing). True for methods that act on each token's activations or on weights;
     # methods that prepend virtual tokens or past key/values to a row leave it False.
     supports_packing: ClassVar[bool] = False
+
+    # Whether training with ``distributed: fsdp`` (parameters sharded over ranks, gathered per
+    # decoder layer) gives the single-process update. Methods whose training hooks read or rewrite
+    # whole parameters between steps (AdaLoRA's rank allocation) leave it False.
+    supports_fsdp: ClassVar[bool] = False
 
     def refuse_adapter_names(self, kwargs: dict[str, Any]) -> None:
         merged = getattr(self, "merged_adapters", None)  # set by methods that can merge_adapter()

@@ -4,11 +4,15 @@ A checkpoint directory ``<output_dir>/checkpoints/step-000050/`` holds::
 
     adapter/                  the adapter, in PEFT's format (loads anywhere)
     optimizer.safetensors     every optimizer state tensor, keyed "<param index>.<name>"
-    rng.safetensors           torch RNG states (CPU and CUDA)
+    rng.safetensors           torch RNG states (CPU and CUDA), of every rank of a distributed run
     trainer_state.json        step, scheduler, optimizer hyper-parameters, Python/NumPy RNG
 
 It appears under its final name only once complete (``peftkit.io.atomic_dir``), so a kill
 during a save leaves at most a temporary directory that is ignored and cleaned up.
+
+Tensors are always stored whole, under the single-process names: a checkpoint of a DDP or FSDP
+run resumes in any number of processes. Under FSDP every rank takes part in gathering them
+(``train/fsdp.py``) and rank 0 writes; on resume each rank keeps its shard of what it reads.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_dir, remove_stale_temporaries
+from peftkit.train.distributed import World
+from peftkit.train.fsdp import FullStateDict, full, shard_like
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -71,12 +77,30 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def _rng_tensors(world: World) -> dict[str, torch.Tensor]:
+    """Every rank's torch RNG states; rank r >= 1 under the prefix ``rank<r>.`` (a collective)."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = state
-    return tensors
+    if not world.distributed:
+        return tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if _nccl() else torch.device("cpu")
+    gathered = {}
+    for name, state in tensors.items():
+        for rank, value in enumerate(world.gather(state.to(device))):
+            gathered[name if rank == 0 else f"rank{rank}.{name}"] = value.cpu()
+    return gathered
+
+
+def _nccl() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_backend() == "nccl"
+
+
+def _whole(value: Any) -> torch.Tensor:
+    return full(value).detach().cpu().contiguous()
 
 
 def _python_rng_to_json() -> Any:
@@ -98,18 +122,28 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     keep: int,
-) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    world: World | None = None,
+) -> Path | None:
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
+
+    In a distributed run every rank calls this (reading sharded tensors whole, and the ranks' RNG
+    states, are collectives); only rank 0 writes, and returns the path."""
+    world = world or World()
     root = checkpoints_dir(output_dir)
-    remove_stale_temporaries(root)
     final = root / f"step-{step:06d}"
     opt_state = optimizer.state_dict()
     tensors = {}
     for index, state in opt_state["state"].items():
         for name, value in state.items():
-            tensors[f"{index}.{name}"] = (
-                value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
-            )
+            tensors[f"{index}.{name}"] = _whole(value) if torch.is_tensor(value) else torch.tensor(value)
+    trainable = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
+    tuner_state = {k: _whole(v) for k, v in model.base_model.training_state().items()}
+    rng = _rng_tensors(world)
+    adapter_state = FullStateDict(model.state_dict())
+    if not world.is_main:
+        model.save_pretrained(final, state_dict=adapter_state, is_main_process=False)  # its gathers
+        return None
+    remove_stale_temporaries(root)
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state = TrainerState(
         step=step,
@@ -120,15 +154,12 @@ def save_checkpoint(
         numpy_rng=_numpy_rng_to_json(),
     )
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp / "adapter")
+        model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file({k: v.contiguous() for k, v in _rng_tensors().items()}, str(tmp / "rng.safetensors"))
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
         save_file(trainable, str(tmp / TRAINABLE_FILE))
-        tuner_state = model.base_model.training_state()  # e.g. AdaLoRA's sensitivity averages
-        if tuner_state:
-            tensors_cpu = {k: v.detach().cpu().contiguous() for k, v in tuner_state.items()}
-            save_file(tensors_cpu, str(tmp / TUNER_STATE_FILE))
+        if tuner_state:  # e.g. AdaLoRA's sensitivity averages
+            save_file(tuner_state, str(tmp / TUNER_STATE_FILE))
         # The state file goes last: its presence is what marks a checkpoint as complete.
         (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1, default=_json_default))
     for old in list_checkpoints(output_dir)[:-keep]:
@@ -152,8 +183,12 @@ def load_checkpoint(
     model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int = 0,
 ) -> TrainerState:
-    """Restore adapter weights, optimizer, scheduler and every RNG from ``path``."""
+    """Restore adapter weights, optimizer, scheduler and every RNG from ``path``.
+
+    Rank ``rank`` of a distributed run takes its own RNG states when the checkpoint has them (the
+    same number of processes), else rank 0's; sharded parameters keep their shard of each tensor."""
     from peftkit.serialization import set_peft_model_state_dict
 
     path = Path(path)
@@ -165,8 +200,12 @@ def load_checkpoint(
 
     tensors = load_file(str(path / "optimizer.safetensors"))
     per_param: dict[int, dict[str, torch.Tensor]] = {}
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
     for key, value in tensors.items():
         index, name = key.split(".", 1)
+        param = ordered[int(index)] if int(index) < len(ordered) else None
+        if param is not None and value.shape == param.shape:  # e.g. Adam's moments, not its step
+            value = shard_like(value, param)
         per_param.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": per_param, "param_groups": state.optimizer_groups})
     # LambdaLR stores its (unpicklable) functions as None; ours are rebuilt from the config.
@@ -176,6 +215,11 @@ def load_checkpoint(
     model.base_model.load_training_state(load_file(str(tuner_state)) if tuner_state.exists() else {})
 
     rng = load_file(str(path / "rng.safetensors"))
+    own = f"rank{rank}."
+    if rank and f"{own}torch_cpu" in rng:
+        rng = {k.removeprefix(own): v for k, v in rng.items() if k.startswith(own)}
+    else:  # rank 0, or a checkpoint of fewer processes: rank 0's states
+        rng = {k: v for k, v in rng.items() if not k.startswith("rank")}
     torch.set_rng_state(rng["torch_cpu"])
     cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
     if cuda_states and torch.cuda.is_available():
@@ -198,4 +242,4 @@ def _load_trainable(model: Any, tensors: dict[str, torch.Tensor]) -> None:
         )
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            params[name].copy_(shard_like(value, params[name]))

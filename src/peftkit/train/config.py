@@ -111,6 +111,14 @@ class TrainingConfig:
     num_threads: int | None = field(
         default=None, metadata={"help": "torch CPU threads (null: torch's default)."}
     )
+    collective_timeout_minutes: float = field(
+        default=30.0,
+        metadata={
+            "help": "Under torchrun: a collective operation (gradient reduction, barrier) that waits longer "
+            "fails and stops the job, e.g. when another process died or hangs. It must outlast rank 0's "
+            "evaluation, which the others wait for under DDP."
+        },
+    )
 
     def validate(self) -> list[str]:
         problems = []
@@ -130,6 +138,10 @@ class TrainingConfig:
             problems.append(f"'training.warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"'training.min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
+        if self.collective_timeout_minutes <= 0:
+            problems.append(
+                f"'training.collective_timeout_minutes' must be > 0, got {self.collective_timeout_minutes}"
+            )
         if len(self.adam_betas) != 2:
             problems.append(f"'training.adam_betas' must have two values, got {self.adam_betas}")
         return problems
@@ -213,6 +225,14 @@ class TrainJobConfig:
     )
     output_dir: str = field(
         default="runs/peftkit", metadata={"help": "Where checkpoints, metrics, plots and the adapter go."}
+    )
+    distributed: Literal["auto", "ddp", "fsdp"] = field(
+        default="auto",
+        metadata={
+            "help": "Under torchrun (or --nproc): ddp keeps a whole copy of the model in every process; fsdp "
+            "shards parameters, gradients and optimizer states over them (FSDP2). auto: fsdp when at least "
+            "half the parameters train (full fine-tuning), else ddp. Ignored in a single process."
+        },
     )
     method_config: Any = field(
         default=None, metadata={"help": "The method's config object (built from its section)."}
@@ -339,6 +359,8 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
             )
     if job is not None and job.training.packing:
         problems.extend(_packing_problems(job, method, spec, methods))
+    if job is not None and job.distributed == "fsdp":
+        problems.extend(_fsdp_problems(job, method, spec, methods))
     if problems:
         raise ConfigError(problems, source)
     assert job is not None
@@ -362,6 +384,25 @@ def _packing_problems(job: TrainJobConfig, method: str, spec: Any, methods: list
             f"'training.packing' is true but method {method!r} adds virtual tokens or past key/values to "
             f"each row, which packed examples would share: set training.packing: false, or use one of "
             f"{', '.join(able)}"
+        )
+    return problems
+
+
+def _fsdp_problems(job: TrainJobConfig, method: str, spec: Any, methods: list[str]) -> list[str]:
+    from peftkit.methods import get_method
+
+    problems = []
+    if job.quantization is not None:
+        problems.append(
+            "'distributed' is fsdp but 'quantization' is set: FSDP cannot shard bitsandbytes' packed "
+            "weights; set distributed: ddp (QLoRA trains data-parallel with a whole copy per process)"
+        )
+    if spec is not None and not getattr(spec.model_cls, "supports_fsdp", False):
+        able = [n for n in methods if getattr(get_method(n).model_cls, "supports_fsdp", False)]
+        problems.append(
+            f"'distributed' is fsdp but method {method!r} is not supported with sharded parameters "
+            f"(its training hooks need whole tensors or virtual tokens): set distributed: ddp, or use one "
+            f"of {', '.join(able)}"
         )
     return problems
 

@@ -1,4 +1,4 @@
-"""Data-parallel training across processes started by ``torchrun`` (PyTorch DDP).
+"""Data-parallel training across processes started by ``torchrun`` (PyTorch DDP or FSDP2).
 
 ``torchrun`` (or ``peftkit train --nproc N``, which starts it) sets ``WORLD_SIZE``, ``RANK`` and
 ``LOCAL_RANK``; a plain ``peftkit train`` sees none of them and runs as one process::
@@ -12,6 +12,12 @@
 Gradients are all-reduced once per optimizer step (``no_sync`` on the other micro-batches).
 The backend follows the hardware: NCCL on CUDA (one GPU per local rank), gloo on CPU. Only rank 0
 prints, writes metrics, plots, checkpoints and the adapter; the others wait at a barrier.
+
+``distributed: fsdp`` shards parameters, gradients and optimizer states over the ranks instead of
+replicating them (train/fsdp.py); the batches, the loss normalisation and so the update are the
+same as under DDP. ``auto`` picks FSDP when most of the model is trained (full fine-tuning, where
+the optimizer states dominate memory) and DDP otherwise (an adapter is small: replicating it costs
+little, and DDP never re-gathers the frozen weights).
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # rank 0's evaluation runs while the others wait
+# Under DDP rank 0 evaluates while the others wait in a barrier: the default collective timeout
+# (training.collective_timeout_minutes) must outlast that.
+SHARD_WHEN_TRAINABLE_FRACTION = 0.5  # distributed: auto -> fsdp from this trainable fraction on
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,10 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def start(self, device: torch.device) -> torch.device:
-        """Join the process group; returns this rank's device (``cuda:LOCAL_RANK`` on GPUs)."""
+    def start(self, device: torch.device, timeout_minutes: float = 30.0) -> torch.device:
+        """Join the process group; returns this rank's device (``cuda:LOCAL_RANK`` on GPUs).
+
+        A collective that waits longer than ``timeout_minutes`` (a rank died or hangs) fails."""
         if not self.distributed:
             return device
         if device.type == "cuda":
@@ -71,7 +81,7 @@ class World:
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             kwargs = {"device_id": device} if device.type == "cuda" else {}
-            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **kwargs)
+            dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **kwargs)
         return device
 
     def stop(self, *, failed: bool = False) -> None:
@@ -95,6 +105,14 @@ class World:
         mine = examples[self.rank :: self.size]
         return (mine, True) if mine else (examples[:1], False)
 
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """``tensor`` of every rank, by rank (all ranks pass tensors of one shape and dtype)."""
+        if not self.distributed:
+            return [tensor]
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return parts
+
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """Element-wise sum of ``values`` over all ranks (one all-reduce)."""
         if not self.distributed:
@@ -104,24 +122,48 @@ class World:
         return tensor.tolist()
 
 
+def choose_strategy(setting: str, world: World, model: nn.Module, *, quantized: bool) -> str:
+    """``none`` (one process), ``ddp`` or ``fsdp`` for the ``distributed`` config key (whose
+    explicit ``fsdp`` the config check has already refused where it cannot work)."""
+    if not world.distributed:
+        return "none"
+    if setting != "auto":
+        return setting
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shardable = model.base_model.supports_fsdp and not quantized
+    return "fsdp" if shardable and trainable >= SHARD_WHEN_TRAINABLE_FRACTION * total else "ddp"
+
+
 class StepLoss(nn.Module):
-    """What DDP wraps: its forward is the task's loss (the loop's fast path, which calls the
-    model's body and head itself), so DDP's reducer sees every forward and backward."""
+    """What DDP or FSDP wraps: its forward is the task's loss (the loop's fast path, which calls
+    the model's body and head itself), so the wrapper sees every forward and backward.
+
+    ``run`` calls ``run(model)`` inside this forward instead: under FSDP that is how validation and
+    generation see the root group's parameters whole."""
 
     def __init__(self, model: nn.Module, task: Any):
         super().__init__()
         self.model = model
         self.task = task
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def forward(self, batch: dict[str, torch.Tensor] | None = None, run: Any = None) -> Any:
+        if run is not None:
+            return run(self.model)
         return self.task.loss_sum(self.model, batch)
 
 
-def data_parallel(model: nn.Module, task: Any, world: World, device: torch.device) -> nn.Module:
-    """The loss module, wrapped in DDP when there is more than one process."""
+def data_parallel(
+    model: nn.Module, task: Any, world: World, device: torch.device, strategy: str = "ddp"
+) -> nn.Module:
+    """The loss module: wrapped in DDP, or sharded with FSDP2, when there is more than one process."""
     loss = StepLoss(model, task)
-    if not world.distributed:
+    if not world.distributed or strategy == "none":
         return loss
+    if strategy == "fsdp":
+        from peftkit.train.fsdp import shard
+
+        return shard(loss, model, device, world.size)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(
@@ -133,7 +175,11 @@ def data_parallel(model: nn.Module, task: Any, world: World, device: torch.devic
 
 
 def no_sync(loss_module: nn.Module, last: bool) -> Any:
-    """Skip DDP's gradient all-reduce on every micro-batch of a step but the last."""
+    """Reduce gradients over ranks only on the last micro-batch of a step (DDP's ``no_sync``,
+    FSDP's ``set_requires_gradient_sync``)."""
+    if hasattr(loss_module, "set_requires_gradient_sync"):
+        loss_module.set_requires_gradient_sync(last)
+        return nullcontext()
     if last or not hasattr(loss_module, "no_sync"):
         return nullcontext()
     return loss_module.no_sync()

@@ -2,12 +2,12 @@
 
 ``setup`` builds everything in dependency order (process group and device -> output dir, which
 rank 0 prepares -> seeds -> task, whose label set sizes a classifier head -> model and tokenizer
--> data, which needs the tokenizer -> adapter, which needs the model -> optimizer, which needs
-the adapter's parameters -> scheduler -> resume state, which needs all of them -> the loss
-module, DDP-wrapped under torchrun).
+-> data, which needs the tokenizer -> adapter, which needs the model -> the loss module, wrapped
+in DDP or sharded by FSDP under torchrun -> optimizer, which needs the (sharded) trainable
+parameters -> scheduler -> resume state, which needs all of them).
 ``train`` is one explicit loop: this rank's share of each micro-batch, accumulation normalised
 by what the loss averages over on all ranks, clipping, optimizer and scheduler steps, logging,
-evaluation and checkpoints (rank 0 writes; see ``train/distributed.py``).
+evaluation and checkpoints (rank 0 writes; see ``train/distributed.py`` and ``train/fsdp.py``).
 What depends on the task type (head, data encoding, batching, loss, metrics) is a hook of the
 job's :class:`peftkit.tasks.Task`; this module never asks which task it is.
 """
@@ -45,7 +45,8 @@ from peftkit.train.checkpoint import (
     save_checkpoint,
 )
 from peftkit.train.config import TrainJobConfig
-from peftkit.train.distributed import World, data_parallel, no_sync
+from peftkit.train.distributed import World, choose_strategy, data_parallel, no_sync
+from peftkit.train.fsdp import FullStateDict, full
 from peftkit.train.metrics import METRICS_FILE, MetricsLog
 from peftkit.train.packing import check_isolation
 from peftkit.train.precision import split_precision, store_in_dtype
@@ -81,7 +82,8 @@ class TrainSession:
     total_steps: int
     task: Task = field(default_factory=lambda: get_task(None))
     world: World = field(default_factory=World)
-    loss_module: Any = None  # the task's loss as a module (DDP-wrapped when distributed), set by setup
+    loss_module: Any = None  # the task's loss as a module (DDP-wrapped or FSDP-sharded), set by setup
+    strategy: str = "none"  # none (one process), ddp or fsdp
     start_step: int = 0
     tokens_seen: int = 0
     results: dict[str, Any] = field(default_factory=dict)
@@ -153,7 +155,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     _quiet = not world.is_main
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    device = world.start(resolve_device(t.device))
+    device = world.start(resolve_device(t.device), t.collective_timeout_minutes)
     output_dir = Path(job.output_dir)
     if world.is_main:
         checkpoint = prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
@@ -217,6 +219,11 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     if t.packing:
         check_isolation(model, device)  # an architecture that ignores position_ids would mix examples
     model.train()
+    strategy = choose_strategy(job.distributed, world, model, quantized=quantized)
+    if world.distributed:
+        say(f"Training in {world.size} processes with {strategy.upper()}")
+    # FSDP replaces the parameters with sharded ones: the optimizer must be built on those.
+    loss_module = data_parallel(model, task, world, device, strategy)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -254,13 +261,16 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         total_steps,
         task,
         world=world,
+        loss_module=loss_module,
+        strategy=strategy,
         results=results,
     )
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(
+            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, rank=world.rank
+        )
         session.start_step, session.tokens_seen = state.step, state.tokens_seen
         say(f"Resumed from {checkpoint} (step {state.step} of {total_steps})")
-    session.loss_module = data_parallel(model, task, world, device)
     if world.is_main:
         with atomic_file(output_dir / "train_config.yaml", "w") as handle:
             yaml.safe_dump(job.to_yaml_dict(), handle, sort_keys=False)
@@ -321,7 +331,7 @@ def train(
             regularization.backward()
         grad_norm = None
         if t.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+            grad_norm = float(full(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -359,21 +369,24 @@ def train(
             and step != session.total_steps
             and session.data.validation
         ):
+            val = run_on_model(session, lambda _: validation_loss(session))
             if world.is_main:
-                metrics.log({"step": step, **validation_loss(session)})
-                model.train()
+                metrics.log({"step": step, **val})
+            model.train()
             world.barrier()
         if t.save_every and step % t.save_every == 0 and step != session.total_steps:
-            if world.is_main:  # the ranks' adapters and optimizer states are identical
-                save_checkpoint(
-                    session.output_dir,
-                    step=step,
-                    tokens_seen=session.tokens_seen,
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    keep=t.keep_checkpoints,
-                )
+            # Every rank: under FSDP the tensors are gathered from all of them. Rank 0 writes.
+            save_checkpoint(
+                session.output_dir,
+                step=step,
+                tokens_seen=session.tokens_seen,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                keep=t.keep_checkpoints,
+                world=world,
+            )
+            if world.is_main:
                 metrics.plot(force=False)
             world.barrier()
         if stop_after_step is not None and step >= stop_after_step:
@@ -383,38 +396,55 @@ def train(
     return finish(session, metrics)
 
 
+def run_on_model(session: TrainSession, evaluate: Any) -> Any:
+    """``evaluate(model)`` where evaluation runs: under FSDP on every rank, inside the sharded root
+    module's forward (every rank takes part in gathering each layer, in lockstep: same inputs,
+    same outputs); otherwise on rank 0 alone (``None`` elsewhere)."""
+    if session.strategy == "fsdp":
+        return session.loss_module(run=evaluate)
+    return evaluate(session.model) if session.world.is_main else None
+
+
 def finish(session: TrainSession, metrics: MetricsLog) -> dict[str, Any]:
     """Save the adapter, evaluate on held-out data, and write the results and the plot (rank 0)."""
-    if not session.world.is_main:
-        session.world.barrier()  # until rank 0 has written everything
-        return {}
-    job = session.job
+    job, world, model = session.job, session.world, session.model
     adapter_dir = session.output_dir / ADAPTER_DIR
-    session.model.save_pretrained(adapter_dir)
-    session.tokenizer.save_pretrained(adapter_dir)
-    save_task(session.task, adapter_dir)  # the task type and label names, for peftkit eval
+    # Every rank reads the adapter's tensors whole (gathered under FSDP, so never partial); rank 0 writes.
+    model.save_pretrained(
+        adapter_dir, state_dict=FullStateDict(model.state_dict()), is_main_process=world.is_main
+    )
+    if world.is_main:
+        session.tokenizer.save_pretrained(adapter_dir)
+        save_task(session.task, adapter_dir)  # the task type and label names, for peftkit eval
     results = dict(session.results)
     results["adapter_dir"] = str(adapter_dir)
     results["steps"] = session.total_steps
     if session.data.validation:
-        val = validation_loss(session)
-        metrics.log({"step": session.total_steps, **val})
+        val = run_on_model(session, lambda _: validation_loss(session))
+        if world.is_main:
+            metrics.log({"step": session.total_steps, **val})
         results["validation"] = val
     if job.evaluation.accuracy_after and session.data.test:
         say(f"Evaluating the fine-tuned model on {count_rows(session.data.test)} held-out examples ...")
-        results["after"] = evaluate_test(
-            job,
-            session.task,
-            session.model,
-            session.tokenizer,
-            session.data.test,
-            session.autocast_dtype,
-            "after",
+        results["after"] = run_on_model(
+            session,
+            lambda model: evaluate_test(
+                job,
+                session.task,
+                model,
+                session.tokenizer,
+                session.data.test,
+                session.autocast_dtype,
+                "after",
+            ),
         )
+    if not world.is_main:
+        world.barrier()  # until rank 0 has written everything
+        return {}
     write_json(session.output_dir / RESULTS_FILE, results)
     plot = metrics.plot()
     report(session.task, results, plot)
-    session.world.barrier()
+    world.barrier()
     return results
 
 

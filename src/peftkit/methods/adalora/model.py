@@ -59,6 +59,8 @@ class AdaLoraModel(InjectedAdapterModel):
     """Injects SVD-form adapters into ``nn.Linear`` / ``Conv1D`` / ``nn.Conv2d`` targets; one adapter trains."""
 
     method_name: ClassVar[str] = "AdaLoRA"
+    # Rank allocation reads every adapter's whole gradient and masks its weights after each step.
+    supports_fsdp: ClassVar[bool] = False
     default_target_modules: ClassVar[dict[str, list[str]]] = ADALORA_DEFAULT_TARGET_MODULES
     peft_config: dict[str, AdaLoraConfig]
     trainable_adapter_name: str | None = None

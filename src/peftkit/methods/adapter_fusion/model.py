@@ -68,6 +68,9 @@ class AdapterFusionModel(InjectedAdapterModel):
     """Fuses saved bottleneck adapters; one set of fused adapters per model."""
 
     method_name: ClassVar[str] = "AdapterFusion"
+    supports_fsdp: ClassVar[bool] = (
+        False  # not yet tested with sharded parameters (tests/test_distributed.py)
+    )
     peft_config: dict[str, AdapterFusionConfig]
 
     def __init__(self, model: nn.Module, config: AdapterFusionConfig, adapter_name: str = "default"):

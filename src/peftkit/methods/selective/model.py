@@ -69,6 +69,7 @@ class SelectiveModel(TunerBase):
 
     method_name: ClassVar[str] = "this method"  # for error messages only
     supports_packing: ClassVar[bool] = True  # weights / per-token activations only
+    supports_fsdp: ClassVar[bool] = True  # tests/test_fsdp.py
 
     def __init__(self, model: nn.Module, config: SelectiveConfig, adapter_name: str = "default"):
         super().__init__()
