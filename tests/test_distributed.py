@@ -201,10 +201,11 @@ def _assert_same_adapter(a_dir, b_dir, atol: float) -> None:
         assert (a[key] - b[key]).abs().max() <= atol, key
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])  # full: FSDP's root group (embeddings) trains too
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("saved_by,resumed_by", [(2, 1), (1, 2)])
 def test_checkpoint_resumes_under_another_number_of_processes(
-    tiny_model_dir, tmp_path, strategy, saved_by, resumed_by
+    tiny_model_dir, tmp_path, strategy, saved_by, resumed_by, method
 ):
     """A checkpoint written by 2 processes resumes in 1, and one written by 1 resumes in 2, with the
     same global batch (batch_size x processes), and ends exactly where the straight run ended."""
@@ -212,7 +213,12 @@ def test_checkpoint_resumes_under_another_number_of_processes(
 
     def job(out, nproc):
         raw = _raw_job(tiny_model_dir, tmp_path, out, batch_size=4 // nproc, test_size=4, accum=2, steps=5)
-        raw["training"]["save_every"] = 2
+        if method == "full":
+            raw.pop("lora")
+            raw.update(method="full", full={})
+            raw["training"]["learning_rate"] = 1e-3
+        raw["data"]["val_size"] = 2
+        raw["training"].update(save_every=2, eval_every=2)  # a checkpoint right after validation
         raw["distributed"] = strategy
         return raw
 

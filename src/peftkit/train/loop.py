@@ -401,7 +401,11 @@ def run_on_model(session: TrainSession, evaluate: Any) -> Any:
     module's forward (every rank takes part in gathering each layer, in lockstep: same inputs,
     same outputs); otherwise on rank 0 alone (``None`` elsewhere)."""
     if session.strategy == "fsdp":
-        return session.loss_module(run=evaluate)
+        result = session.loss_module(run=evaluate)
+        # FSDP keeps the root group gathered after a forward until the backward that never comes;
+        # gathered, its parameters are plain tensors whose storage the next reshard frees.
+        session.loss_module.reshard()
+        return result
     return evaluate(session.model) if session.world.is_main else None
 
 
