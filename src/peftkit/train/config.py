@@ -351,7 +351,7 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
             )
     if job is not None and job.quantization is not None and spec is not None:
         if not getattr(spec.model_cls, "supports_quantized_base", False):
-            able = [n for n in methods if getattr(get_method(n).model_cls, "supports_quantized_base", False)]
+            able = _methods_with("supports_quantized_base", methods)
             problems.append(
                 f"'quantization' is set but method {method!r} cannot train on a quantized base model "
                 f"(its layers need full-precision weights): use one of {', '.join(able) or 'none'}, "
@@ -368,8 +368,14 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
     return job
 
 
-def _packing_problems(job: TrainJobConfig, method: str, spec: Any, methods: list[str]) -> list[str]:
+def _methods_with(capability: str, methods: list[str]) -> list[str]:
+    """The methods whose model class declares ``capability`` (a ``TunerBase`` class flag)."""
     from peftkit.methods import get_method
+
+    return [n for n in methods if getattr(get_method(n).model_cls, capability, False)]
+
+
+def _packing_problems(job: TrainJobConfig, method: str, spec: Any, methods: list[str]) -> list[str]:
     from peftkit.tasks import get_task
 
     problems = []
@@ -379,7 +385,7 @@ def _packing_problems(job: TrainJobConfig, method: str, spec: Any, methods: list
             "causal-LM examples): set training.packing: false"
         )
     if spec is not None and not getattr(spec.model_cls, "supports_packing", False):
-        able = [n for n in methods if getattr(get_method(n).model_cls, "supports_packing", False)]
+        able = _methods_with("supports_packing", methods)
         problems.append(
             f"'training.packing' is true but method {method!r} adds virtual tokens or past key/values to "
             f"each row, which packed examples would share: set training.packing: false, or use one of "
@@ -389,8 +395,6 @@ def _packing_problems(job: TrainJobConfig, method: str, spec: Any, methods: list
 
 
 def _fsdp_problems(job: TrainJobConfig, method: str, spec: Any, methods: list[str]) -> list[str]:
-    from peftkit.methods import get_method
-
     problems = []
     if job.quantization is not None:
         problems.append(
@@ -398,7 +402,7 @@ def _fsdp_problems(job: TrainJobConfig, method: str, spec: Any, methods: list[st
             "weights; set distributed: ddp (QLoRA trains data-parallel with a whole copy per process)"
         )
     if spec is not None and not getattr(spec.model_cls, "supports_fsdp", False):
-        able = [n for n in methods if getattr(get_method(n).model_cls, "supports_fsdp", False)]
+        able = _methods_with("supports_fsdp", methods)
         problems.append(
             f"'distributed' is fsdp but method {method!r} is not supported with sharded parameters "
             f"(its training hooks need whole tensors or virtual tokens): set distributed: ddp, or use one "
