@@ -145,6 +145,25 @@ def test_nproc_builds_the_torchrun_command():
     ]
 
 
+def test_only_rank_0_draws_evaluation_progress_bars(monkeypatch):
+    """Under FSDP every rank evaluates; one progress bar is enough (tqdm's own choice on rank 0)."""
+    import io
+
+    from peftkit.evaluation import _progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())  # where tqdm would draw a bar
+    monkeypatch.setenv("RANK", "0")
+    with _progress(3, "eval", None) as bar:
+        assert not bar.disable
+    monkeypatch.setenv("RANK", "1")
+    with _progress(3, "eval", None) as bar:
+        assert bar.disable
+
+
 def test_world_reads_torchrun_environment(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -343,7 +344,10 @@ def _inference(model: Any, device: torch.device, autocast_dtype: torch.dtype | N
 def _progress(total: int, desc: str, enabled: bool | None) -> Iterator[Any]:
     from tqdm.auto import tqdm
 
-    # disable=None lets tqdm hide the bar when stderr is not a terminal (logs, CI, pipes).
+    # disable=None lets tqdm hide the bar when stderr is not a terminal (logs, CI, pipes). Under
+    # torchrun every rank but 0 stays silent: FSDP evaluates on all of them at once.
+    if enabled is None and os.environ.get("RANK", "0") != "0":
+        enabled = False
     bar = tqdm(
         total=total, desc=desc, unit="ex", disable=None if enabled is None else not enabled, leave=False
     )
