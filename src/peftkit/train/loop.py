@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -38,24 +36,19 @@ from peftkit.io import atomic_file, write_json
 from peftkit.tasks import Task, get_task, save_task
 from peftkit.train.batching import MicroBatchStream
 from peftkit.train.checkpoint import (
-    checkpoints_dir,
     latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
 from peftkit.train.config import TrainJobConfig
 from peftkit.train.distributed import World, choose_strategy, data_parallel, no_sync
 from peftkit.train.fsdp import FullStateDict, full
-from peftkit.train.metrics import METRICS_FILE, MetricsLog
+from peftkit.train.metrics import MetricsLog
+from peftkit.train.output import ADAPTER_DIR, RESULTS_FILE, prepare_output_dir, read_results, report
 from peftkit.train.packing import check_isolation
 from peftkit.train.precision import split_precision, store_in_dtype
 from peftkit.train.schedule import build_scheduler
 from peftkit.train.tokens import add_tokens, check_tokens_for_method, with_new_tokens
-
-ADAPTER_DIR = "adapter"
-RESULTS_FILE = "eval_results.json"
-
 
 _quiet = False  # set on every rank but 0 of a distributed run: one copy of each message
 
@@ -121,28 +114,6 @@ def total_optimizer_steps(job: TrainJobConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(t.epochs * batches_per_epoch / t.gradient_accumulation_steps))
 
 
-def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """Return the checkpoint to resume from; refuse to silently mix two runs in one directory."""
-    checkpoint = latest_checkpoint(output_dir)
-    if resume:
-        if checkpoint is None:
-            say(f"--resume: no complete checkpoint in {output_dir}/checkpoints, starting from step 0")
-        return checkpoint
-    has_run = list_checkpoints(output_dir) or (output_dir / ADAPTER_DIR).exists()
-    if has_run and not overwrite:
-        raise PeftkitError(
-            f"{output_dir} already holds a run (checkpoints or an adapter): pass --resume to continue it, "
-            "--overwrite to start again, or set output_dir to a new directory"
-        )
-    if overwrite:
-        # A later --resume must never pick up a checkpoint of the run being replaced.
-        shutil.rmtree(checkpoints_dir(output_dir), ignore_errors=True)
-        for name in (RESULTS_FILE, METRICS_FILE):
-            (output_dir / name).unlink(missing_ok=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return None
-
-
 def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False) -> TrainSession:
     from peftkit import get_peft_model
     from peftkit.data import build_datasets
@@ -195,7 +166,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     if autocast_dtype is not None:
         store_in_dtype(model, autocast_dtype)
 
-    previous = _read_results(output_dir) if checkpoint is not None else {}
+    previous = read_results(output_dir) if checkpoint is not None else {}
     results: dict[str, Any] = {"before": previous.get("before")} if previous.get("before") else {}
     if job.evaluation.accuracy_before and not results.get("before") and data.test and world.is_main:
         say(f"Evaluating the base model on {count_rows(data.test)} held-out examples ...")
@@ -467,24 +438,6 @@ def evaluate_test(job, task: Task, model, tokenizer, examples, autocast_dtype, l
     out = task.evaluate(model, tokenizer, examples, eval_cfg=job.evaluation, autocast_dtype=autocast_dtype)
     say(f"Held-out {label} fine-tuning ({out['n']} examples): {task.metric_lines(out)[0]}")
     return out
-
-
-def report(task: Task, results: dict[str, Any], plot: Path | None) -> None:
-    lines = ["", "=== peftkit train: results ===", *task.report_lines(results)]
-    if "validation" in results:
-        lines.append(
-            "validation "
-            + ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in results["validation"].items())
-        )
-    lines.append(f"adapter saved to: {results['adapter_dir']}")
-    if plot:
-        lines.append(f"loss curve: {plot}")
-    print("\n".join(lines), flush=True)
-
-
-def _read_results(output_dir: Path) -> dict[str, Any]:
-    path = output_dir / RESULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def run_training(
