@@ -34,8 +34,6 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 
-# Under DDP rank 0 evaluates while the others wait in a barrier: the default collective timeout
-# (training.collective_timeout_minutes) must outlast that.
 SHARD_WHEN_TRAINABLE_FRACTION = 0.5  # distributed: auto -> fsdp from this trainable fraction on
 
 

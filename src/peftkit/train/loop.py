@@ -255,7 +255,7 @@ def train(
     t = session.job.training
     task, world = session.task, session.world
     model, optimizer, scheduler = session.model, session.optimizer, session.scheduler
-    loss_module = session.loss_module or data_parallel(model, task, world, session.device)
+    loss_module = session.loss_module or data_parallel(model, task, world, session.device, session.strategy)
     pad_id = session.tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
     metrics = MetricsLog(session.output_dir, resume_step=session.start_step, enabled=world.is_main)
