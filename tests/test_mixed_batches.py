@@ -14,6 +14,7 @@ import torch
 from _tiny_models import make_tiny_gpt2, tiny_t5_case
 from conftest import make_tiny_llama
 from peftkit import IA3Config, LoraConfig, get_peft_model
+from peftkit.errors import PeftkitError
 
 peft = pytest.importorskip("peft")
 
@@ -198,6 +199,15 @@ def test_errors():
     model.eval()
     # the layers are left as they were after a refused or failed call
     assert all(getattr(m, "row_adapters", None) is None for m in model.modules())
+
+    expected = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    model.merge_adapter()
+    with pytest.raises(PeftkitError, match=r"cannot be used while adapter\(s\) one are merged"):
+        model(input_ids=ids, attention_mask=mask, adapter_names=NAMES)
+    model.unmerge_adapter()
+    torch.testing.assert_close(
+        model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits, expected
+    )
 
     model.add_adapter("d", LoraConfig(**_lora(target_modules=["q_proj"], use_dora=True)))
     with pytest.raises(ValueError, match="DoRA"):
