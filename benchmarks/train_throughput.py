@@ -1,6 +1,8 @@
 """Training throughput of the default job: transformers Trainer + HF PEFT vs peftkit (issue 5).
 
-One run, on one machine, in four subprocesses (so every peak RSS belongs to one configuration)::
+One run, on one machine, in one subprocess per worker (so every peak RSS belongs to one
+configuration); the training configurations run side by side and take turns, one optimizer step
+each (``--turn-steps``), so the machine's drift over minutes hits them alike (turns.py)::
 
     peak   square fp32 / bf16 matmuls (best of N, all threads): the machine's ceiling in GFLOP/s
     a      transformers Trainer + HF PEFT LoRA, bf16=True (what a Trainer user would pick)
@@ -14,12 +16,13 @@ One run, on one machine, in four subprocesses (so every peak RSS belongs to one 
       |        seeded), as a Trainer user gets them: batches of mixed lengths, padded
       '--> (b) peftkit's loop draws its own batches (its default: length-grouped, or packed)
 
-    --a-batches peftkit: (a) instead reads peftkit's micro-batches for steps 1..N, in order
+    (a_same) is (a) reading peftkit's micro-batches for steps 1..N, in order
     (train_sampling_strategy="sequential"), and a hash of the ids proves both saw the same batches:
     the comparison with the batching difference taken out.
 
-Timing: a timestamp after every optimizer step; steps 1-2 are warm-up, the window is step 2's end
-to step N's end. Tokens are non-padding tokens of the timed steps.
+Timing: a timestamp after every optimizer step, on a clock that stops while the worker waits for
+its turn; steps 1-2 are warm-up, the window is step 2's end to step N's end. Tokens are
+non-padding tokens of the timed steps. ``--sequential`` runs the configurations one after another.
 
 Model FLOPs of one example of ``s`` tokens, ``l`` of which carry a label (PaLM-style MFU)::
 
@@ -45,13 +48,16 @@ import copy
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+# Helpers next to this script (benchmarks/ is on sys.path when it runs).
+from train_measures import heldout_loss, param_counts, peak_rss_mb, timing_summary
+from turns import Turn, run_in_turns
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -94,11 +100,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run every configuration in this process (for tests: peak RSS is then not per configuration)",
     )
+    p.add_argument(
+        "--turn-steps",
+        type=int,
+        default=1,
+        help="optimizer steps per turn: the configurations train in turns, so drift hits all alike",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="train the configurations one after another instead of in turns",
+    )
     p.add_argument("--worker", choices=["peak", *CONFIGS, "score"], help=argparse.SUPPRESS)
+    p.add_argument("--turn-fds", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 3:
         p.error("--steps must be >= 3 (two warm-up steps are not timed)")
+    if args.turn_steps < 1:
+        p.error("--turn-steps must be >= 1")
     return args
 
 
@@ -166,96 +186,6 @@ def digest(batches: list[list[Any]]) -> str:
             h.update(json.dumps([ex.input_ids, ex.labels]).encode())
         h.update(b"|")
     return h.hexdigest()[:16]
-
-
-def param_counts(hf_model: Any) -> dict[str, int]:
-    """Frozen matmul weights of the adapted model: the LM head and every other frozen linear layer.
-
-    Call after the adapter is injected: its own (trainable) linear layers are left out here and
-    counted as trainable parameters instead.
-    """
-    import torch
-
-    head = hf_model.get_output_embeddings()
-    body = sum(
-        m.weight.numel()
-        for m in hf_model.modules()
-        if isinstance(m, torch.nn.Linear) and m is not head and not m.weight.requires_grad
-    )
-    cfg = hf_model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    d_attn = cfg.num_attention_heads * head_dim  # width of Q.K^T and of the attention-weighted V
-    return {
-        "frozen_body": body,
-        "head": head.weight.numel(),
-        "n_layers": cfg.num_hidden_layers,
-        "d_attn": d_attn,
-    }
-
-
-def model_flops(batches: list[list[Any]], counts: dict[str, int], trained: int, dense_head: bool) -> float:
-    total = 0.0
-    for batch in batches:
-        for ex in batch:
-            s = len(ex.input_ids)
-            labelled = sum(x != -100 for x in ex.labels[1:])
-            head_tokens = s if dense_head else labelled
-            total += 6 * trained * s + 4 * counts["frozen_body"] * s + 4 * counts["head"] * head_tokens
-            total += 12 * counts["n_layers"] * counts["d_attn"] * s * s
-    return total
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def timing_summary(
-    stamps: list[float], batches: list[list[Any]], counts: dict[str, int], trained: int
-) -> dict[str, Any]:
-    """Steps 3..N: the window from the end of step 2 to the end of step N."""
-    assert len(stamps) == len(batches), f"{len(stamps)} optimizer steps timed, {len(batches)} expected"
-    timed = batches[2:]
-    seconds = stamps[-1] - stamps[1]
-    tokens = sum(len(ex.input_ids) for b in timed for ex in b)
-    return {
-        "timed_steps": len(timed),
-        "timed_s": seconds,
-        "step_time_s": seconds / len(timed),
-        "step_times_s": [b - a for a, b in zip(stamps, stamps[1:])],
-        "tokens_timed": tokens,
-        "tokens_per_s": tokens / seconds,
-        "trainable_params": trained,
-        "param_counts": counts,
-        "model_flops_timed": model_flops(timed, counts, trained, dense_head=False),
-        "model_flops_timed_dense_head": model_flops(timed, counts, trained, dense_head=True),
-    }
-
-
-def heldout_loss(model: Any, examples: list[Any], pad_id: int, batch_size: int = 16) -> float:
-    """Mean next-token cross-entropy over completion tokens, fp32, no autocast.
-
-    ``model`` is a plain transformers causal LM (adapters merged in). The head runs only at
-    labelled positions: the same numbers as full logits, without projecting every prompt token
-    onto the 49k vocabulary.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from peftkit.train.batching import collate
-
-    model.float().eval()
-    body, head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size], pad_id)
-            hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-            labels = batch["labels"][:, 1:]
-            mask = labels != -100
-            logits = head(hidden[:, :-1][mask]).float()  # (labelled tokens, vocab)
-            total += float(F.cross_entropy(logits, labels[mask], reduction="sum"))
-            count += int(mask.sum())
-    return total / max(1, count)
 
 
 # -- workers ------------------------------------------------------------------------------------------
@@ -336,14 +266,19 @@ def worker_a(args: argparse.Namespace, same_batches: bool = False) -> dict[str, 
     stamps: list[float] = []
     losses: list[float] = []
     seen: list[list[Any]] = []  # the batches the Trainer really asked for, in its order
+    turn = Turn(args.turn_fds, args.turn_steps)
 
     def collator(examples: list[Any]) -> dict[str, Any]:
         seen.append(list(examples))
         return collate(examples, tok.pad_token_id)
 
     class Clock(TrainerCallback):
-        def on_step_end(self, *_: Any, **__: Any) -> None:
-            stamps.append(time.perf_counter())
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            turn.ready()
+
+        def on_step_end(self, _args: Any, state: Any, *_: Any, **__: Any) -> None:
+            stamps.append(turn.clock())
+            turn.after_step(state.global_step, args.steps)
 
         def on_log(self, _args: Any, _state: Any, _control: Any, logs: Any = None, **__: Any) -> None:
             if logs and "loss" in logs:
@@ -440,7 +375,14 @@ def worker_b(args: argparse.Namespace) -> dict[str, Any]:
     counts = param_counts(session.model.get_base_model())
     trained = sum(p.numel() for p in session.model.parameters() if p.requires_grad)
     stamps: list[float] = []
-    session.optimizer.register_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    turn = Turn(args.turn_fds, args.turn_steps)
+
+    def clock(*_: Any) -> None:
+        stamps.append(turn.clock())
+        turn.after_step(len(stamps), args.steps)
+
+    session.optimizer.register_step_post_hook(clock)
+    turn.ready()
     train(session, progress=False)
     rss = peak_rss_mb()
     del task.collate, task.pack  # back to the class's methods
@@ -517,6 +459,20 @@ def run_worker(name: str, argv: list[str], workdir: Path, inprocess: bool) -> di
     return data
 
 
+def run_in_turns_workers(names: list[str], argv: list[str], workdir: Path) -> dict[str, Any]:
+    """The training configurations side by side, taking turns (turns.py); each in its own process."""
+    print(f"[train_throughput] running {', '.join(names)} in turns ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+
+    def command(name: str) -> Any:
+        worker = [sys.executable, __file__, *argv, "--worker", name, "--workdir", str(workdir)]
+        return lambda fds: [*worker, "--turn-fds", fds]
+
+    run_in_turns({name: command(name) for name in names})
+    wall = time.perf_counter() - started
+    return {name: {**json.loads((workdir / f"{name}.json").read_text()), "wall_s": wall} for name in names}
+
+
 def fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -548,6 +504,7 @@ def table(results: dict[str, Any]) -> str:
     )
     for k, r in runs.items():
         lines.append(f"{k}: {r['name']}; {r['timed_steps']} timed steps, attention {r['attention']}")
+    lines.append(f"trained {results['settings']['schedule']}")
     return "\n".join(lines)
 
 
@@ -561,11 +518,15 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.workdir, f"{args.worker}.json").write_text(json.dumps(result, indent=2))
         return
     started = time.perf_counter()
+    in_turns = not (args.inprocess or args.sequential) and len(names) > 1
     with tempfile.TemporaryDirectory(prefix="train_throughput-") as tmp:
         workdir = Path(tmp)
         results: dict[str, Any] = {"peak": run_worker("peak", raw_argv, workdir, args.inprocess)}
-        for name in names:
-            results[name] = run_worker(name, raw_argv, workdir, args.inprocess)
+        if in_turns:
+            results.update(run_in_turns_workers(names, raw_argv, workdir))
+        else:
+            for name in names:
+                results[name] = run_worker(name, raw_argv, workdir, args.inprocess)
         results["score"] = run_worker("score", raw_argv, workdir, args.inprocess)
     if (
         "a_same" in names
@@ -597,6 +558,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_seq_len": args.max_seq_len,
         "threads": args.threads,
         "heldout": args.heldout,
+        "schedule": f"in turns of {args.turn_steps} step(s)" if in_turns else "one after another",
         "cpu_count": os.cpu_count(),
         "total_wall_s": time.perf_counter() - started,
     }

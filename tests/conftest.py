@@ -151,7 +151,10 @@ def train_tiny(model_dir, out, method: str, section: dict, **training) -> list[f
 def load_benchmark(path):
     """Import a script of benchmarks/ (not a package) as a module, for its tests."""
     import importlib.util
+    import sys
 
+    if str(path.parent) not in sys.path:  # the scripts import their helpers (turns.py) by name
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -118,7 +118,7 @@ def check_results(results: dict, steps: int) -> None:
 
 def test_model_flops_formula():
     """6 x trained + 4 x frozen body per token, head on labelled tokens, 12 L d s^2 attention."""
-    tt = load_script()
+    tt = load_benchmark(SCRIPT.parent / "train_measures.py")
     ex = SimpleNamespace(input_ids=[1, 2, 3, 4, 5], labels=[-100, -100, -100, 7, 8])  # s=5, 2 labelled
     counts = {"frozen_body": 1000, "head": 300, "n_layers": 2, "d_attn": 8}
     expected = 6 * 10 * 5 + 4 * 1000 * 5 + 4 * 300 * 2 + 12 * 2 * 8 * 25
