@@ -21,6 +21,25 @@ def make_tiny_gpt2(vocab_size: int = 100, seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
+def make_tiny_gqa(name: str, **config: Any):
+    """A tiny Qwen2 / Mistral causal LM (grouped-query attention, RoPE); ``config`` overrides."""
+    import transformers
+
+    torch.manual_seed(0)
+    settings = dict(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    settings.update(config)
+    model_cls = getattr(transformers, f"{name}ForCausalLM")
+    return model_cls(getattr(transformers, f"{name}Config")(**settings)).eval()
+
+
 def make_tiny_bloom(vocab_size: int = 100, seed: int = 0):
     from transformers import BloomConfig, BloomForCausalLM
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from _tiny_models import make_tiny_gpt2
+from _tiny_models import make_tiny_gpt2, make_tiny_gqa
 from conftest import make_tiny_llama, train_tiny
 from peftkit import LoraConfig, get_peft_model
 from peftkit.errors import PeftkitError
@@ -37,28 +37,11 @@ def _examples(vocab: int, lengths=(7, 3, 9, 5, 2, 6), seed: int = 0) -> list[Ex]
     return out
 
 
-def _gqa_model(name: str):
-    """A tiny Qwen2 / Mistral causal LM (grouped-query attention, RoPE)."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{name}Config")(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
-
-
 ARCHITECTURES = {
     "llama": lambda: make_tiny_llama(vocab_size=100),
     "gpt2": lambda: make_tiny_gpt2(vocab_size=100),
-    "qwen2": lambda: _gqa_model("Qwen2"),
-    "mistral": lambda: _gqa_model("Mistral"),
+    "qwen2": lambda: make_tiny_gqa("Qwen2"),
+    "mistral": lambda: make_tiny_gqa("Mistral"),
 }
 
 

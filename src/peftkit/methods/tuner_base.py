@@ -6,7 +6,8 @@ model" overrides a hook instead of shared code asking for its name:
 
 * ``forward`` / ``generate``   -- soft prompts prepend virtual tokens or past key/values
 * ``body_hidden_states``       -- the training loss's fast path (see ``train/loss.py``)
-* ``supports_packing``         -- whether packed rows (``train/packing.py``) keep their meaning
+* ``supports_packing``         -- whether packed rows (``train/packing.py``) and a shared prompt
+  prefix computed once (``train/shared_prefix.py``) keep their meaning
 * ``supports_fsdp``            -- whether sharded training (``train/fsdp.py``) is tested for it
 * ``on_train_start``           -- learn the run's length (AdaLoRA's rank-budget schedule)
 * ``regularization_loss``      -- an extra term added to each optimizer step's loss (AdaLoRA)
@@ -48,8 +49,9 @@ class TunerBase(nn.Module):
     supports_mixed_batches: ClassVar[bool] = False
 
     # Whether several examples may share one row with position_ids restarting per example
-    # (training.packing). True for methods that act on each token's activations or on weights;
-    # methods that prepend virtual tokens or past key/values to a row leave it False.
+    # (training.packing), and whether a batch's shared prompt prefix may run once for all rows
+    # (training.shared_prefix). True for methods that act on each token's activations or on
+    # weights; methods that prepend virtual tokens or past key/values to a row leave it False.
     supports_packing: ClassVar[bool] = False
 
     # Whether training with ``distributed: fsdp`` (parameters sharded over ranks, gathered per

@@ -130,6 +130,10 @@ class Task:
         """Like :meth:`collate`, with several examples per row of up to ``capacity`` tokens."""
         raise NotImplementedError(f"{self.task_type.value} has no packed form")
 
+    def use_shared_prefix(self, shared_prefix: Any) -> None:
+        """Compute the prompt prefix all rows of a batch share once (train/shared_prefix.py), where
+        the task's loss can; ``None`` turns it off. Only causal LM can: others ignore it."""
+
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """What ``loss_sum`` sums over in ``batch`` (here: its examples)."""
         return int(batch["input_ids"].shape[0])

@@ -25,6 +25,7 @@ from peftkit.tasks.base import Task
 from peftkit.train.batching import collate, count_label_tokens
 from peftkit.train.loss import lm_loss_sum
 from peftkit.train.packing import pack
+from peftkit.train.shared_prefix import SharedPrefix
 
 
 class CausalLMTask(Task):
@@ -34,6 +35,7 @@ class CausalLMTask(Task):
     generative = True
     has_perplexity = True
     supports_packing = True
+    shared_prefix: SharedPrefix | None = None
 
     def metadata(self) -> dict[str, Any]:
         return {"task_type": self.task_type.value}
@@ -53,8 +55,11 @@ class CausalLMTask(Task):
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return count_label_tokens(batch)
 
+    def use_shared_prefix(self, shared_prefix: SharedPrefix | None) -> None:
+        self.shared_prefix = shared_prefix
+
     def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        return lm_loss_sum(model, batch)
+        return lm_loss_sum(model, batch, self.shared_prefix)
 
     def validation(
         self,

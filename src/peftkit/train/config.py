@@ -98,6 +98,16 @@ class TrainingConfig:
             "group_by_length off it recovered 7% (see README, Benchmarks)."
         },
     )
+    shared_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Causal LM: run the prompt prefix that every example of a micro-batch shares (a chat "
+            "template's system turn) once per micro-batch instead of once per example; same loss and "
+            "gradients. Applies where the method acts per position, no dropout is active and packing is "
+            "off; checked against the usual path on the first batch (1.23x faster steps on the default "
+            "job, see docs/performance.md)."
+        },
+    )
     log_every: int = field(default=1, metadata={"help": "Write a metrics line every N steps."})
     eval_every: int | None = field(
         default=None,

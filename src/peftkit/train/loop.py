@@ -48,6 +48,7 @@ from peftkit.train.output import ADAPTER_DIR, RESULTS_FILE, prepare_output_dir, 
 from peftkit.train.packing import check_isolation
 from peftkit.train.precision import split_precision, store_in_dtype
 from peftkit.train.schedule import build_scheduler
+from peftkit.train.shared_prefix import shared_prefix_for
 from peftkit.train.tokens import add_tokens, check_tokens_for_method, with_new_tokens
 
 _quiet = False  # set on every rank but 0 of a distributed run: one copy of each message
@@ -193,6 +194,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     strategy = choose_strategy(job.distributed, world, model, quantized=quantized)
     if world.distributed:
         say(f"Training in {world.size} processes with {strategy.upper()}")
+    task.use_shared_prefix(shared_prefix_for(t, strategy, model))
     # FSDP replaces the parameters with sharded ones: the optimizer must be built on those.
     loss_module = data_parallel(model, task, world, device, strategy)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from peftkit.methods.tuner_base import TunerBase
 from peftkit.train.batching import IGNORE_INDEX
+from peftkit.train.shared_prefix import SharedPrefix
 
 _CHUNK = 1024  # labelled positions projected at a time: bounds the logits buffer
 
@@ -30,8 +31,12 @@ def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
-def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over label tokens, and how many there were."""
+def lm_loss_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], shared_prefix: SharedPrefix | None = None
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over label tokens, and how many there were.
+
+    With ``shared_prefix`` the prompt prefix all rows share runs once (train/shared_prefix.py)."""
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     n_tokens = int(mask.sum())
@@ -52,16 +57,22 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
         return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), n_tokens
     body, head = parts
     tuner = getattr(model, "base_model", None)
-    if isinstance(tuner, TunerBase):  # a PeftModel: the method may add prompts or past key/values
-        packed = (
-            {} if position_ids is None else {"position_ids": position_ids}
-        )  # supports_packing methods only
-        hidden = tuner.body_hidden_states(body, batch["input_ids"], inputs.get("attention_mask"), **packed)
+    shared = shared_prefix.hidden_and_targets(body, batch) if shared_prefix is not None else None
+    if shared is not None:  # only for methods with supports_packing (see train/loop.py)
+        selected, targets = shared
     else:
-        hidden = body(**inputs, use_cache=False)[0]
-    selected = hidden[:, :-1][mask]  # (n_tokens, hidden)
-    targets = labels[mask]
-    total = hidden.new_zeros((), dtype=torch.float32)
+        if isinstance(tuner, TunerBase):  # a PeftModel: the method may add prompts or past key/values
+            packed = (
+                {} if position_ids is None else {"position_ids": position_ids}
+            )  # supports_packing methods only
+            hidden = tuner.body_hidden_states(
+                body, batch["input_ids"], inputs.get("attention_mask"), **packed
+            )
+        else:
+            hidden = body(**inputs, use_cache=False)[0]
+        selected = hidden[:, :-1][mask]  # (n_tokens, hidden)
+        targets = labels[mask]
+    total = selected.new_zeros((), dtype=torch.float32)
     for start in range(0, selected.shape[0], _CHUNK):
         logits = head(selected[start : start + _CHUNK])  # (chunk, vocab)
         total = total + F.cross_entropy(logits.float(), targets[start : start + _CHUNK], reduction="sum")
