@@ -178,8 +178,12 @@ def test_world_reads_torchrun_environment(monkeypatch):
 
 def _worker(rank: int, port: int, raw: dict, resume: bool) -> None:
     """One rank of a 2-process job, as torchrun would start it (its environment, one thread)."""
+    import faulthandler
     import os
+    import signal
 
+    faulthandler.register(signal.SIGUSR1)  # _train asks a rank that hangs where it is
+    monkeypatch_destroy_to_check_no_ddp_is_alive()
     os.environ.update(
         WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
@@ -187,11 +191,33 @@ def _worker(rank: int, port: int, raw: dict, resume: bool) -> None:
     run_training(build_job_config(raw), resume=resume, progress=False)
 
 
+def monkeypatch_destroy_to_check_no_ddp_is_alive() -> None:
+    """Fail a rank whose DDP wrapper outlives its process group: the wrapper's C++ reducer would
+    then destroy the group under the GIL, which can hang the process at exit (train/loop.py,
+    leave_process_group)."""
+    import gc
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    destroy = dist.destroy_process_group
+
+    def checked(*args, **kwargs):
+        alive = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+        assert not alive, "a DistributedDataParallel module is alive when the process group is destroyed"
+        destroy(*args, **kwargs)
+
+    dist.destroy_process_group = checked
+
+
 def _train(raw: dict, tmp_path, nproc: int, *, resume: bool = False) -> None:
     """Train ``raw`` in 1 process, or in 2 forked from this one (torch and transformers already
     imported: about 1 s instead of torchrun's 8 s of start-up, which the CLI tests above pay)."""
     import multiprocessing
+    import os
+    import signal
     import socket
+    import time
 
     if nproc == 1:
         run_training(build_job_config(raw), resume=resume, progress=False)
@@ -208,6 +234,8 @@ def _train(raw: dict, tmp_path, nproc: int, *, resume: bool = False) -> None:
     codes = [process.exitcode for process in ranks]
     for process in ranks:
         if process.is_alive():
+            os.kill(process.pid, signal.SIGUSR1)  # its stack, into the captured stderr
+            time.sleep(1)
             process.kill()
     assert codes == [0, 0], f"ranks exited with {codes} (their tracebacks are in the captured stderr)"
 
