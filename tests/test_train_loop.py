@@ -199,3 +199,21 @@ def test_resume_is_exact_for_methods_whose_file_is_not_their_state(
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_precision_where_bf16_is_not_native(monkeypatch, capsys):
+    """auto picks fp32 on a CPU without native bf16; an explicit bf16 is honoured there (emulated:
+    same results, slower) with a note; a device that cannot run bf16 at all is refused."""
+    import peftkit.models
+    from peftkit.errors import PeftkitError
+    from peftkit.train.loop import resolve_autocast
+
+    monkeypatch.setattr(peftkit.models, "bf16_supported", lambda device: False)
+    cpu = torch.device("cpu")
+    assert resolve_autocast("auto", cpu) is None and resolve_autocast("fp32", cpu) is None
+    assert resolve_autocast("bf16", cpu) is torch.bfloat16
+    assert "no native bfloat16" in capsys.readouterr().err
+    with pytest.raises(PeftkitError, match="does not support bfloat16: set precision: fp32"):
+        resolve_autocast("bf16", torch.device("cuda"))
+    monkeypatch.setattr(peftkit.models, "bf16_supported", lambda device: True)
+    assert resolve_autocast("auto", cpu) is torch.bfloat16 and resolve_autocast("fp32", cpu) is None

@@ -73,7 +73,8 @@ class TrainingConfig:
     precision: Literal["auto", "bf16", "fp32"] = field(
         default="auto",
         metadata={
-            "help": "auto: bf16 autocast where the hardware supports it (CPU with AMX/AVX512-BF16, recent GPUs), else fp32."
+            "help": "auto: bf16 autocast where the hardware supports it (CPU with AMX/AVX512-BF16, recent GPUs), "
+            "else fp32. bf16: always (a CPU without native bf16 emulates it, slower). fp32: never."
         },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})

@@ -90,11 +90,17 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
     if precision == "fp32":
         return None
     supported = bf16_supported(device)
-    if precision == "bf16" and not supported:
-        raise PeftkitError(
-            f"training.precision is bf16 but {device} does not support bfloat16: set precision: fp32"
+    if precision == "auto" or supported:
+        return torch.bfloat16 if supported else None
+    if device.type == "cpu":  # emulated: same results, only slower, so the user's choice stands
+        say(
+            "note: training.precision is bf16, but this CPU has no native bfloat16 (AVX512-BF16 or AMX), "
+            "so it is emulated and slower than fp32 (precision: auto picks fp32 here)"
         )
-    return torch.bfloat16 if supported else None
+        return torch.bfloat16
+    raise PeftkitError(
+        f"training.precision is bf16 but {device} does not support bfloat16: set precision: fp32"
+    )
 
 
 def autocast(session: TrainSession):
