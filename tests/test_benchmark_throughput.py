@@ -84,6 +84,7 @@ def bench_argv(tmp_path: Path, model_dir: Path, steps: int = 3) -> list[str]:
 def check_results(results: dict, steps: int) -> None:
     peak = results["peak"]
     assert peak["fp32_gflops"] > 0 and peak["bf16_gflops"] > 0 and peak["matmul_size"] == 128
+    assert peak[f"{peak['ceiling']}_gflops"] == max(peak["fp32_gflops"], peak["bf16_gflops"])
     a, a_same, b = results["a"], results["a_same"], results["b"]
     for run in (a, a_same, b):
         assert set(RUN_FIELDS) <= set(run), set(RUN_FIELDS) - set(run)

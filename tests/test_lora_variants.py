@@ -163,7 +163,7 @@ def test_same_outputs_in_training_mode_with_dropout(pair):
     torch.manual_seed(3)
     expected = _out(theirs, ids)
     torch.manual_seed(3)
-    torch.testing.assert_close(_out(ours, ids), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_out(ours, ids), expected, atol=ATOL, rtol=1e-6)  # kernels' rounding
 
 
 def test_files_load_both_ways(pair, tmp_path):
