@@ -195,19 +195,24 @@ def monkeypatch_destroy_to_check_no_ddp_is_alive() -> None:
     """Fail a rank whose DDP wrapper outlives its process group: the wrapper's C++ reducer would
     then destroy the group under the GIL, which can hang the process at exit (train/loop.py,
     leave_process_group)."""
-    import gc
+    import weakref
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    destroy = dist.destroy_process_group
+    alive = weakref.WeakSet()
+    init, destroy = DistributedDataParallel.__init__, dist.destroy_process_group
 
-    def checked(*args, **kwargs):
-        alive = [o for o in gc.get_objects() if isinstance(o, DistributedDataParallel)]
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        alive.add(self)
+
+    def checked_destroy(*args, **kwargs):
         assert not alive, "a DistributedDataParallel module is alive when the process group is destroyed"
         destroy(*args, **kwargs)
 
-    dist.destroy_process_group = checked
+    DistributedDataParallel.__init__ = tracked_init
+    dist.destroy_process_group = checked_destroy
 
 
 def _train(raw: dict, tmp_path, nproc: int, *, resume: bool = False) -> None:

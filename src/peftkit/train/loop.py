@@ -477,5 +477,6 @@ def leave_process_group(session: TrainSession, *, failed: bool = False) -> None:
     (pytorch#56297; one rank hung in about 1 of 70 two-process runs here). Python's own reference
     to the group releases the GIL before destroying it."""
     session.loss_module = None
-    gc.collect()  # in case the wrapper is in a reference cycle
+    if session.world.distributed:
+        gc.collect()  # in case the wrapper is in a reference cycle
     session.world.stop(failed=failed)
