@@ -197,9 +197,9 @@ def worker_peak(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    n = args.matmul_size
-    out: dict[str, Any] = {"matmul_size": n, "threads": torch.get_num_threads()}
+    out: dict[str, Any] = {"matmul_size": args.matmul_size, "threads": torch.get_num_threads()}
     for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        n = _affordable_size(dtype, args.matmul_size)
         a = torch.randn(n, n).to(dtype)
         b = torch.randn(n, n).to(dtype)
         torch.mm(a, b)  # warm-up: thread pool, kernel selection
@@ -209,7 +209,24 @@ def worker_peak(args: argparse.Namespace) -> dict[str, Any]:
             torch.mm(a, b)
             best = min(best, time.perf_counter() - start)
         out[f"{name}_gflops"] = 2 * n**3 / best / 1e9
+        out[f"{name}_matmul_size"] = n
     return out
+
+
+def _affordable_size(dtype: Any, n: int, seconds: float = 1.0) -> int:
+    """``n``, halved until one n x n matmul should take under ``seconds``: a CPU without
+    AVX512-BF16 or AMX emulates bf16 at well under 1 GFLOP/s (a 2048^2 matmul took 57 s)."""
+    import torch
+
+    probe = min(n, 256)
+    a = torch.randn(probe, probe).to(dtype)
+    torch.mm(a, a)
+    start = time.perf_counter()
+    torch.mm(a, a)
+    per_flop = (time.perf_counter() - start) / (2 * probe**3)
+    while n > probe and 2 * n**3 * per_flop > seconds:
+        n //= 2
+    return n
 
 
 def worker_a(args: argparse.Namespace, same_batches: bool = False) -> dict[str, Any]:
@@ -500,8 +517,9 @@ def table(results: dict[str, Any]) -> str:
         lines.append(line)
     peak = results["peak"]
     lines.append(
-        f"matmul peak ({peak['matmul_size']}^2, {peak['threads']} threads): "
-        f"fp32 {peak['fp32_gflops']:.1f} GFLOP/s, bf16 {peak['bf16_gflops']:.1f} GFLOP/s"
+        f"matmul peak ({peak['threads']} threads): fp32 {peak['fp32_gflops']:.1f} GFLOP/s "
+        f"({peak.get('fp32_matmul_size', peak['matmul_size'])}^2), bf16 {peak['bf16_gflops']:.1f} GFLOP/s "
+        f"({peak.get('bf16_matmul_size', peak['matmul_size'])}^2)"
     )
     for k, r in runs.items():
         lines.append(f"{k}: {r['name']}; {r['timed_steps']} timed steps, attention {r['attention']}")

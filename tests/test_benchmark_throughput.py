@@ -85,6 +85,7 @@ def check_results(results: dict, steps: int) -> None:
     peak = results["peak"]
     assert peak["fp32_gflops"] > 0 and peak["bf16_gflops"] > 0 and peak["matmul_size"] == 128
     assert peak[f"{peak['ceiling']}_gflops"] == max(peak["fp32_gflops"], peak["bf16_gflops"])
+    assert 0 < peak["fp32_matmul_size"] <= 128 and 0 < peak["bf16_matmul_size"] <= 128
     a, a_same, b = results["a"], results["a_same"], results["b"]
     for run in (a, a_same, b):
         assert set(RUN_FIELDS) <= set(run), set(RUN_FIELDS) - set(run)
