@@ -235,14 +235,7 @@ def test_cpu_kernel_layout_guard(tmp_path, monkeypatch):
         unguarded, _ = load_model_and_tokenizer(tmp_path, quantization={"bits": 4})
     narrow = [m for m in unguarded.modules() if isinstance(m, bnb.nn.Linear4bit) and m.in_features == 32]
     assert narrow
-    kernel_wrong = any(
-        not quantization.torch_allclose(
-            bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float(),
-            quantization._reference_dequantize_4bit(m.weight),
-        )
-        for m in narrow
-    )
-    if kernel_wrong:
+    if quantization.misdequantized_cpu_4bit_layers(unguarded):
         with pytest.raises(ModelLoadError, match="skip_modules"):
             load_model_and_tokenizer(tmp_path, quantization={"bits": 4})
     else:

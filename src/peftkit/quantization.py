@@ -243,9 +243,24 @@ def check_cpu_4bit_layers(model: nn.Module) -> None:
     as large as the weights), so such a layer would silently compute garbage. Layers whose
     dequantization differs from a pure-torch reference are reported with the fix.
     """
+    broken = misdequantized_cpu_4bit_layers(model)
+    if broken:
+        from peftkit.errors import ModelLoadError
+
+        shown = ", ".join(broken[:6]) + (f" and {len(broken) - 6} more" if len(broken) > 6 else "")
+        raise ModelLoadError(
+            f"bitsandbytes' CPU 4-bit kernel dequantizes {len(broken)} layer(s) of this model wrongly "
+            f"(their in_features is not a multiple of the block size 64): {shown}. Keep them unquantized "
+            "with quantization.skip_modules, use bits: 8, or train on a GPU"
+        )
+
+
+def misdequantized_cpu_4bit_layers(model: nn.Module) -> list[str]:
+    """Names of the CPU 4-bit layers (in_features not a multiple of the block size) whose kernel
+    dequantization differs from the pure-torch reference on this machine."""
     bnb = _bnb()
     if bnb is None:
-        return
+        return []
     broken = []
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit) or module.weight.device.type != "cpu":
@@ -257,15 +272,7 @@ def check_cpu_4bit_layers(model: nn.Module) -> None:
         reference = _reference_dequantize_4bit(module.weight)
         if not torch_allclose(kernel, reference):
             broken.append(name)
-    if broken:
-        from peftkit.errors import ModelLoadError
-
-        shown = ", ".join(broken[:6]) + (f" and {len(broken) - 6} more" if len(broken) > 6 else "")
-        raise ModelLoadError(
-            f"bitsandbytes' CPU 4-bit kernel dequantizes {len(broken)} layer(s) of this model wrongly "
-            f"(their in_features is not a multiple of the block size 64): {shown}. Keep them unquantized "
-            "with quantization.skip_modules, use bits: 8, or train on a GPU"
-        )
+    return broken
 
 
 def torch_allclose(a: torch.Tensor, b: torch.Tensor) -> bool:
