@@ -57,6 +57,12 @@ def adapters(tiny_model_dir, tmp_path_factory):
         "lora_b": _save_adapter(tiny_model_dir, root / "lora_b", peftkit.LoraConfig(**lora), 2),
         "ia3_a": _save_adapter(tiny_model_dir, root / "ia3_a", peftkit.IA3Config(**ia3), 3),
         "ia3_b": _save_adapter(tiny_model_dir, root / "ia3_b" / "adapter", peftkit.IA3Config(**ia3), 4),
+        "dora_a": _save_adapter(
+            tiny_model_dir, root / "dora_a", peftkit.LoraConfig(**lora, use_dora=True), 5
+        ),
+        "dora_b": _save_adapter(
+            tiny_model_dir, root / "dora_b", peftkit.LoraConfig(**lora, use_dora=True), 6
+        ),
     }
 
 
@@ -190,6 +196,32 @@ def test_other_methods_run_each_adapter_as_a_group_in_input_order(
     ]
     base = _alone(peftkit_cli, capsys, tiny_model_dir, adapters, rows_in[0][0], "__base__")
     assert rows[0]["completion"] != base
+
+
+def test_dora_adapters_run_as_groups_since_they_cannot_share_a_batch(
+    peftkit_cli, capsys, tiny_model_dir, adapters, tmp_path
+):
+    rows_in = [(p, {"lora_a": "dora_a", "lora_b": "dora_b"}.get(a, a)) for p, a in PROMPTS]
+    file = _write_prompts(tmp_path / "p.jsonl", rows_in)
+    calls = []
+    original = peftkit.PeftModelForCausalLM.generate
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs.get("adapter_names"), self.active_adapter))
+        return original(self, *args, **kwargs)
+
+    argv = ["--adapter", adapters["dora_a"], "--adapter", adapters["dora_b"]]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(peftkit.PeftModelForCausalLM, "generate", spy)
+        rows = _generate(peftkit_cli, capsys, *argv, "--prompts-file", file, "--batch-size", "8")
+    assert calls == [(None, "dora_a"), (None, "dora_b"), (None, None)]  # None: __base__, disabled
+    used = [a or "dora_a" for _, a in rows_in]
+    assert [r["completion"] for r in rows] == [
+        _alone(peftkit_cli, capsys, tiny_model_dir, adapters, p, a) for (p, _), a in zip(rows_in, used)
+    ]
+    assert rows[0]["completion"] != _alone(
+        peftkit_cli, capsys, tiny_model_dir, adapters, rows_in[0][0], "__base__"
+    )
 
 
 def test_plain_output_tags_prompts_with_their_adapter(peftkit_cli, capsys, adapters, tmp_path):

@@ -8,9 +8,9 @@
               base model ── apply_saved_adapter(first) ──> PeftModel ── load_adapter(each other)
 
     prompts with adapters [a, b, __base__, a, ...] ──> generate_for_adapters
-        LoRA (supports_mixed_batches):  batches of rows with different adapters,
+        LoRA (can_mix_in_one_batch):    batches of rows with different adapters,
                                         one generate(..., adapter_names=[...]) call per batch
-        other methods:                  one group per adapter (set_adapter / disable_adapter)
+        other methods, DoRA:            one group per adapter (set_adapter / disable_adapter)
         results always come back in the input order
 
 One ``PeftModel`` holds adapters of one method only, so adapters of different methods are
@@ -288,14 +288,15 @@ def generate_for_adapters(
     """Completions of ``prompt_ids[i]`` with adapter ``adapters[i]``, in the input order.
 
     One adapter for all: a plain call. LoRA: mixed batches (one ``generate`` per batch, one
-    adapter per row). Other methods: one group of calls per adapter.
+    adapter per row). Other methods, and LoRA with DoRA adapters: one group of calls per adapter.
     """
     from peftkit.evaluation import generate_completions
 
     if len(set(adapters)) == 1:
         with using_adapter(model, adapters[0]):
             return generate_completions(model, tokenizer, prompt_ids, batch_size=batch_size, **kwargs)
-    if getattr(getattr(model, "base_model", None), "supports_mixed_batches", False):
+    tuner = getattr(model, "base_model", None)
+    if hasattr(tuner, "can_mix_in_one_batch") and tuner.can_mix_in_one_batch(adapters):
         return generate_completions(
             model, tokenizer, prompt_ids, batch_size=batch_size, adapter_names=adapters, **kwargs
         )

@@ -20,6 +20,7 @@ model" overrides a hook instead of shared code asking for its name:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -71,6 +72,11 @@ class TunerBase(nn.Module):
                 f"{type(self).__name__} does not support adapter_names (mixed-adapter batches are LoRA "
                 "only): run each adapter's rows separately with set_adapter()"
             )
+
+    def can_mix_in_one_batch(self, adapter_names: Sequence[str]) -> bool:
+        """Whether rows of these loaded adapters may share one ``adapter_names`` batch; callers
+        run each adapter's rows as a group where they may not (``peftkit generate``)."""
+        return self.supports_mixed_batches
 
     def check_new_adapter_name(self, adapter_name: Any) -> None:
         """``adapter_name`` is valid and not taken (``add_adapter`` calls this before changing anything)."""

@@ -52,6 +52,25 @@ class RowAdapters:
         )
 
 
+def why_not_mixed(model: Any, adapter_names: Sequence[str]) -> str | None:
+    """Why rows of these (known) adapters cannot share one batch, or None if they can."""
+    dora = sorted({n for n in adapter_names if n != BASE and model.peft_config[n].use_dora})
+    if dora:
+        return f"adapter_names cannot use DoRA adapters ({dora}), as in PEFT: run them separately"
+    others = [
+        f"{name} ({type(module).__name__})"
+        for name, module in model.model.named_modules()
+        if isinstance(module, AdapterModule) and not hasattr(module, "row_adapters")
+    ]
+    if others:
+        return (
+            "adapter_names supports LoRA layers, modules_to_save and trainable tokens only, but the model "
+            f"also holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}: run each adapter's "
+            "rows separately"
+        )
+    return None
+
+
 def validate_adapter_names(model: Any, adapter_names: Any, args: tuple, kwargs: dict) -> list[str]:
     """PEFT's checks, before anything runs; ``model`` is the ``LoraModel``."""
     if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
@@ -66,20 +85,9 @@ def validate_adapter_names(model: Any, adapter_names: Any, args: tuple, kwargs: 
             f"adapter_names names unknown adapter(s) {unknown}; adapters: {', '.join(model.peft_config)} "
             f"(or {BASE!r} for no adapter)"
         )
-    dora = sorted({n for n in adapter_names if n != BASE and model.peft_config[n].use_dora})
-    if dora:
-        raise ValueError(f"adapter_names cannot use DoRA adapters ({dora}), as in PEFT: run them separately")
-    others = [
-        f"{name} ({type(module).__name__})"
-        for name, module in model.model.named_modules()
-        if isinstance(module, AdapterModule) and not hasattr(module, "row_adapters")
-    ]
-    if others:
-        raise ValueError(
-            "adapter_names supports LoRA layers, modules_to_save and trainable tokens only, but the model "
-            f"also holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}: run each adapter's "
-            "rows separately"
-        )
+    problem = why_not_mixed(model, adapter_names)
+    if problem:
+        raise ValueError(problem)
     inputs = kwargs.get("input_ids", args[0] if args else None)
     if inputs is None:
         inputs = kwargs.get("inputs_embeds")

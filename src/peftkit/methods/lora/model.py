@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from torch import nn
@@ -13,7 +14,7 @@ from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.conv import CONV_TYPES, LoraConv
 from peftkit.methods.lora.embedding import LoraEmbedding
 from peftkit.methods.lora.layer import LoraLinear
-from peftkit.methods.lora.mixed_batch import mixed_batch, validate_adapter_names
+from peftkit.methods.lora.mixed_batch import mixed_batch, validate_adapter_names, why_not_mixed
 from peftkit.methods.lora.trainable_tokens import wrap_trainable_tokens
 from peftkit.methods.lora.weighted import add_weighted_adapter
 from peftkit.methods.targeting import is_linear_like
@@ -76,6 +77,9 @@ class LoraModel(InjectedAdapterModel):
     supports_mixed_batches: ClassVar[bool] = True  # adapter_names=[...] per row, see mixed_batch.py
     default_target_modules: ClassVar[dict[str, list[str]]] = LORA_DEFAULT_TARGET_MODULES
     peft_config: dict[str, LoraConfig]
+
+    def can_mix_in_one_batch(self, adapter_names: Sequence[str]) -> bool:
+        return why_not_mixed(self, adapter_names) is None  # e.g. DoRA adapters cannot
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:
