@@ -269,6 +269,44 @@ def test_merging_more_adapters_on_top():
     assert_same_tensors(model, before)
 
 
+def test_merging_adapters_of_other_layers_on_top_restores_every_layer():
+    model = peftkit.get_peft_model(make_tiny_llama(vocab_size=100), make_config("lora"), "a")
+    model.add_adapter("b", make_config("lora", target_modules=["k_proj", "up_proj"]))
+    for seed, name in enumerate(("a", "b")):
+        model.set_adapter(name)
+        perturb(model, seed=seed + 1)
+    model.set_adapter("a")
+    model.eval()
+    before = tensors(model)
+    model.merge_adapter(["a"])
+    with pytest.warns(UserWarning, match="additionally merging b"):
+        model.merge_adapter(["b"])  # layers the first merge left alone
+    assert not torch.equal(
+        model.state_dict()["base_model.model.model.layers.0.self_attn.k_proj.base_layer.weight"],
+        before["base_model.model.model.layers.0.self_attn.k_proj.base_layer.weight"],
+    )
+    model.unmerge_adapter()
+    assert_same_tensors(model, before)
+
+
+def test_a_trained_base_bias_keeps_its_new_value_at_unmerge():
+    """LoRA's bias="all" trains the base biases, which merging leaves alone: a step taken while
+    merged must survive unmerging, while the weights merging changed are restored bit for bit."""
+    config = make_config("lora", bias="all", fan_in_fan_out=True, target_modules=["c_attn", "c_fc"])
+    model = peftkit.get_peft_model(make_tiny_gpt2(), config)
+    perturb(model)
+    before = tensors(model)
+    model.merge_adapter()
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    with torch.no_grad():
+        layer.base_layer.bias.add_(0.5)  # as an optimizer step on the trainable bias would
+    model.unmerge_adapter()
+    after = model.state_dict()
+    bias = "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias"
+    torch.testing.assert_close(after[bias], before[bias] + 0.5, atol=0, rtol=0)
+    assert_same_tensors(model, {**before, bias: after[bias]})
+
+
 def test_merge_several_adapters_at_once_equals_merge_and_unload():
     model = two_adapters()
     reference = copy.deepcopy(model).merge_and_unload(adapter_names=["a", "b"])

@@ -134,8 +134,8 @@ def merge_in_place(
     Each layer's ``unwrap(True)`` must merge in place, i.e. return the very module its
     ``unwrap(False)`` returns -- the module the layer runs when its ``active_adapter`` is None.
     Afterwards every layer is switched off (``active_adapter = None``), so its forward runs only
-    the base layer, which now holds the merged weights. Returns the snapshot taken before (CPU
-    copies of every base tensor), which ``unmerge`` writes back for a bit-exact restore. On any
+    the base layer, which now holds the merged weights. Returns the snapshot taken before of the
+    base tensors merging changed (CPU copies), which ``unmerge`` writes back for a bit-exact restore. On any
     error (NaN/inf, a layer that cannot merge in place) the snapshot is written back and every
     layer's ``active_adapter`` restored before the error -- naming the layer -- is raised.
     """
@@ -171,7 +171,9 @@ def merge_in_place(
             module.active_adapter = adapter
         message = f"{err} [in layer {current}; nothing was merged, the model is unchanged]"
         raise (PeftkitError if isinstance(err, PeftkitError) else ValueError)(message) from err
-    return saved
+    # Only what merging changed is written back at unmerge: a base tensor it left alone (a bias
+    # trained with bias="all", say) keeps any value it is given while merged.
+    return [(tensor, copy) for tensor, copy in saved if not torch.equal(tensor.detach().to("cpu"), copy)]
 
 
 def unmerge(modules: list[tuple[str, Any]], saved: Snapshot, active_adapter: str | None) -> None:

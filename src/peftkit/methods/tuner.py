@@ -209,8 +209,10 @@ class InjectedAdapterModel(TunerBase):
         saved = merge_in_place(
             self.adapter_modules(), new, all_adapters=list(self.peft_config), safe_merge=safe_merge
         )
-        if not self.merged_adapters:
-            self._unmerged = saved  # a later, additional merge keeps the first (the base weights)
+        # An additional merge adds the tensors the earlier ones left alone; for the others the
+        # first snapshot holds the base values.
+        held = {id(tensor) for tensor, _ in self._unmerged}
+        self._unmerged += [(tensor, copy) for tensor, copy in saved if id(tensor) not in held]
         self.merged_adapters += new
 
     def unmerge_adapter(self) -> None:
