@@ -122,6 +122,41 @@ def test_the_check_switches_off_a_wrong_attention(monkeypatch, capsys):
     assert "gives different outputs" in capsys.readouterr().out
 
 
+class _NoKeywords(torch.nn.Module):
+    """A causal LM body whose forward takes no extra keyword arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = make_tiny_llama(vocab_size=100).model
+        self.config = self.inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return self.inner(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+class _Failing(_NoKeywords):
+    def forward(self, input_ids, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'Tensor' and 'NoneType'")  # a bug
+
+
+def test_a_forward_without_the_keyword_switches_off_and_other_type_errors_raise():
+    batch = collate(_examples(), pad_token_id=0)
+    notes = []
+    shared = sp.SharedPrefix(say=notes.append)  # the loop passes its rank-0-only `say`
+    assert shared.hidden_and_targets(_NoKeywords(), batch) is None
+    assert not shared.enabled and notes == [shared.note] and "does not take" in shared.note
+    with pytest.raises(TypeError, match="unsupported operand"):
+        sp.SharedPrefix(say=notes.append).hidden_and_targets(_Failing(), batch)
+
+
+def test_the_loop_gives_its_say():
+    from types import SimpleNamespace
+
+    training = SimpleNamespace(shared_prefix=True, packing=False)
+    shared = sp.shared_prefix_for(training, "ddp", _lora(make_tiny_llama(vocab_size=100)), say=len)
+    assert shared.say is len
+
+
 def test_prefix_length():
     batch = collate(_examples(prefix=6), pad_token_id=0)
     assert sp.shared_prefix_length(batch) >= 6

@@ -201,7 +201,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     strategy = choose_strategy(job.distributed, world, model, quantized=quantized)
     if world.distributed:
         say(f"Training in {world.size} processes with {strategy.upper()}")
-    task.use_shared_prefix(shared_prefix_for(t, strategy, model))
+    task.use_shared_prefix(shared_prefix_for(t, strategy, model, say))
     # FSDP replaces the parameters with sharded ones: the optimizer must be built on those.
     loss_module = data_parallel(model, task, world, device, strategy)
 

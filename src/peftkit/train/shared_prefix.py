@@ -31,6 +31,7 @@ position biases this function does not know.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,10 +204,11 @@ _register()
 class SharedPrefix:
     """Runs causal-LM bodies on the one-row layout; checks the first time, and may switch off."""
 
-    def __init__(self) -> None:
+    def __init__(self, say: Callable[[str], None] = print) -> None:
         self.enabled = True
         self.checked = False
         self.note: str | None = None  # why it was switched off
+        self.say = say  # the training loop's: one copy of the note, from rank 0
 
     def hidden_and_targets(
         self, body: nn.Module, batch: dict[str, torch.Tensor]
@@ -233,7 +235,7 @@ class SharedPrefix:
     def _switch_off(self, body: nn.Module, why: str) -> None:
         self.enabled = False
         self.note = f"training.shared_prefix: off for {type(body).__name__}: {why}"
-        print(self.note, flush=True)
+        self.say(self.note)
 
 
 def _agrees(body: nn.Module, batch: dict[str, torch.Tensor], selected: torch.Tensor) -> bool:
@@ -258,14 +260,20 @@ def _run(body: nn.Module, shared: SharedBatch) -> torch.Tensor | None:
             use_cache=False,
             shared_prefix=shared.layout,
         )
-    except (_Unsupported, TypeError):  # TypeError: a forward that takes no extra keyword arguments
+    except _Unsupported:
+        return None
+    except TypeError as err:  # a forward that takes no extra keyword arguments; others are bugs
+        if "shared_prefix" not in str(err):
+            raise
         return None
     finally:
         config._attn_implementation = usual
     return out[0][0]
 
 
-def shared_prefix_for(training: Any, strategy: str, model: nn.Module) -> SharedPrefix | None:
+def shared_prefix_for(
+    training: Any, strategy: str, model: nn.Module, say: Callable[[str], None] = print
+) -> SharedPrefix | None:
     """A :class:`SharedPrefix` for a run with these ``training`` settings, or None where it does not
     apply (see the module docstring): the option is off, packing, FSDP, a method that adds virtual
     positions, or dropout."""
@@ -273,7 +281,7 @@ def shared_prefix_for(training: Any, strategy: str, model: nn.Module) -> SharedP
         return None
     if not getattr(model.base_model, "supports_packing", False) or not can_share(model):
         return None
-    return SharedPrefix()
+    return SharedPrefix(say)
 
 
 def can_share(model: nn.Module) -> bool:
