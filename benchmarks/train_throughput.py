@@ -5,7 +5,8 @@ configuration); the training configurations run side by side and take turns, one
 each (``--turn-steps``), so the machine's drift over minutes hits them alike (turns.py)::
 
     peak   square fp32 / bf16 matmuls (best of N, all threads): the machine's ceiling in GFLOP/s
-    a      transformers Trainer + HF PEFT LoRA, bf16=True (what a Trainer user would pick)
+    a      transformers Trainer + HF PEFT LoRA, bf16=True (what a Trainer user would pick; on a CPU
+           without native bf16, where emulated bf16 would crawl, bf16=False, as peftkit's fp32)
     b      peftkit's training loop with the job's defaults (what `peftkit train` runs)
     score  both saved adapters loaded by peftkit on the same fp32 base, merged: held-out loss
 
@@ -66,8 +67,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "examples" / "tweet-sentiment-lora.yaml"
 DEFAULT_JSON = REPO / "runs" / "benchmarks" / "train_throughput.json"  # runs/ is git-ignored
 CONFIGS = {
-    "a": "transformers Trainer + HF PEFT (bf16=True), the Trainer's own shuffled batches",
-    "a_same": "transformers Trainer + HF PEFT (bf16=True), on peftkit's batches",
+    "a": "transformers Trainer + HF PEFT (bf16=True where native), the Trainer's own shuffled batches",
+    "a_same": "transformers Trainer + HF PEFT (bf16=True where native), on peftkit's batches",
     "b": "peftkit train (defaults)",
 }
 BASELINES = ("a", "a_same")
@@ -522,7 +523,10 @@ def table(results: dict[str, Any]) -> str:
         f"({peak.get('bf16_matmul_size', peak['matmul_size'])}^2)"
     )
     for k, r in runs.items():
-        lines.append(f"{k}: {r['name']}; {r['timed_steps']} timed steps, attention {r['attention']}")
+        precision = "bf16" if r["bf16"] else "fp32"
+        lines.append(
+            f"{k}: {r['name']}; {r['timed_steps']} timed steps, {precision}, attention {r['attention']}"
+        )
     lines.append(f"trained {results['settings']['schedule']}")
     return "\n".join(lines)
 
