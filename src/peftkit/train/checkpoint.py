@@ -99,8 +99,11 @@ def _nccl() -> bool:
     return dist.is_initialized() and dist.get_backend() == "nccl"
 
 
-def _whole(value: Any) -> torch.Tensor:
-    return full(value).detach().cpu().contiguous()
+def _whole(value: Any, writer: bool) -> torch.Tensor:
+    """The whole tensor (gathering a sharded one is a collective: every rank calls this); only the
+    rank that writes makes the contiguous CPU copy."""
+    whole = full(value).detach()
+    return whole.cpu().contiguous() if writer else whole
 
 
 def _python_rng_to_json() -> Any:
@@ -135,9 +138,11 @@ def save_checkpoint(
     tensors = {}
     for index, state in opt_state["state"].items():
         for name, value in state.items():
-            tensors[f"{index}.{name}"] = _whole(value) if torch.is_tensor(value) else torch.tensor(value)
-    trainable = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
-    tuner_state = {k: _whole(v) for k, v in model.base_model.training_state().items()}
+            tensors[f"{index}.{name}"] = (
+                _whole(value, world.is_main) if torch.is_tensor(value) else torch.tensor(value)
+            )
+    trainable = {n: _whole(p, world.is_main) for n, p in model.named_parameters() if p.requires_grad}
+    tuner_state = {k: _whole(v, world.is_main) for k, v in model.base_model.training_state().items()}
     rng = _rng_tensors(world)
     adapter_state = FullStateDict(model.state_dict())
     if not world.is_main:
