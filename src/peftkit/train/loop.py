@@ -41,6 +41,7 @@ from peftkit.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from peftkit.train.compile import CompiledLayers
 from peftkit.train.config import TrainJobConfig
 from peftkit.train.distributed import World, choose_strategy, data_parallel, no_sync
 from peftkit.train.fsdp import FullStateDict, full
@@ -79,6 +80,7 @@ class TrainSession:
     world: World = field(default_factory=World)
     loss_module: Any = None  # the task's loss as a module (DDP-wrapped or FSDP-sharded), set by setup
     strategy: str = "none"  # none (one process), ddp or fsdp
+    compiled: Any = field(default_factory=nullcontext)  # CompiledLayers under training.compile
     start_step: int = 0
     tokens_seen: int = 0
     results: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +132,10 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     t = job.training
     check_tokens_for_method(job.tokens, job.method, job.method_config)
     world = World.from_environment()  # torchrun's processes, or rank 0 of 1
+    if t.compile and world.distributed:
+        raise PeftkitError(
+            "training.compile runs in one process only for now: set training.compile to false under torchrun"
+        )
     global _quiet
     _quiet = not world.is_main
     if t.num_threads:
@@ -201,6 +207,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     strategy = choose_strategy(job.distributed, world, model, quantized=quantized)
     if world.distributed:
         say(f"Training in {world.size} processes with {strategy.upper()}")
+    compiled = CompiledLayers(model) if t.compile else nullcontext()
     task.use_shared_prefix(shared_prefix_for(t, strategy, model, say))
     # FSDP replaces the parameters with sharded ones: the optimizer must be built on those.
     loss_module = data_parallel(model, task, world, device, strategy)
@@ -243,6 +250,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         world=world,
         loss_module=loss_module,
         strategy=strategy,
+        compiled=compiled,
         results=results,
     )
     if checkpoint is not None:
@@ -299,7 +307,7 @@ def train(
         for i, batch in enumerate(batches):
             batch = {k: v.to(session.device) for k, v in batch.items()}
             with no_sync(loss_module, last=i == len(batches) - 1):  # one all-reduce per step
-                with autocast(session):
+                with autocast(session), session.compiled:  # the backward runs what the forward compiled
                     loss_sum, _ = loss_module(batch)
                 (loss_sum * (weights[i] * world.size) / step_label_tokens).backward()
             step_loss += weights[i] * loss_sum.item()
