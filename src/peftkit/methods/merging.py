@@ -134,8 +134,8 @@ def merge_in_place(
     Each layer's ``unwrap(True)`` must merge in place, i.e. return the very module its
     ``unwrap(False)`` returns -- the module the layer runs when its ``active_adapter`` is None.
     Afterwards every layer is switched off (``active_adapter = None``), so its forward runs only
-    the base layer, which now holds the merged weights. Returns the snapshot taken before of the
-    base tensors merging changed (CPU copies), which ``unmerge`` writes back for a bit-exact restore. On any
+    the base layer, which now holds the merged weights. Returns CPU copies, from before, of the
+    base tensors merging changed, which ``unmerge`` writes back for a bit-exact restore. On any
     error (NaN/inf, a layer that cannot merge in place) the snapshot is written back and every
     layer's ``active_adapter`` restored before the error -- naming the layer -- is raised.
     """
