@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -17,12 +19,12 @@ from test_shared_prefix import _job  # rows that share a long prompt prefix, 4 s
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _losses(out) -> list[float]:
-    import json
+def _records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-    return [
-        r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
-    ]
+
+def _losses(out) -> list[float]:
+    return [r["loss"] for r in _records(out) if "loss" in r]
 
 
 @pytest.mark.slow  # compiling takes about a minute on a 2-core CPU
@@ -30,7 +32,12 @@ def test_compiled_training_equals_eager_and_evaluation_runs_eager(
     tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
     lora = {"r": 4, "target_modules": ["q_proj", "v_proj"]}  # fewer operations to trace than all-linear
-    eager = loop.setup(_job(tiny_model_dir, tmp_path, "eager", section=lora, eval_every=2))
+
+    def job(name: str, **training):  # with a validation split, evaluated at step 2 and at the end
+        job = _job(tiny_model_dir, tmp_path, name, section=lora, eval_every=2, **training)
+        return dataclasses.replace(job, data=dataclasses.replace(job.data, val_size=2))
+
+    eager = loop.setup(job("eager"))
     loop.train(eager, progress=False)
 
     entered = []
@@ -39,12 +46,12 @@ def test_compiled_training_equals_eager_and_evaluation_runs_eager(
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    compiled = loop.setup(
-        _job(tiny_model_dir, tmp_path, "compiled", section=lora, eval_every=2, compile=True)
-    )
+    compiled = loop.setup(job("compiled", compile=True))
     loop.train(compiled, progress=False)
 
     assert len(entered) == 4  # one training forward per step; validation (step 2 and the end) is not
+    assert len(compiled.data.validation) == 2
+    assert len([r for r in _records(tmp_path / "compiled") if "val_loss" in r]) == 2
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     layers = compiled.compiled.layers
     assert len(layers) == compiled.model.config.num_hidden_layers
