@@ -12,6 +12,10 @@ well over a thousand steps, and it is off by default.
 Only the training forward and backward run compiled. Validation and generation run the layers
 as they are: a generation step's key/value cache would make new graphs, and their compile time
 would not pay back.
+
+One Python process that trains several models in turn (a notebook, a sweep) shares Dynamo's cache
+for the layer code, whose recompile limit (8) can leave later runs eager with only a logged warning;
+``torch._dynamo.reset()`` between runs gives each its own graphs. ``peftkit train`` trains one.
 """
 
 from __future__ import annotations
