@@ -170,10 +170,12 @@ def test_use_adapter_sets_the_default_and_null_means_base(
     ]
 
 
-def test_other_methods_run_each_adapter_as_a_group_in_input_order(
-    peftkit_cli, capsys, tiny_model_dir, adapters, tmp_path
+# IA3 has no mixed batches at all; LoRA has them, but not for DoRA adapters (as in PEFT).
+@pytest.mark.parametrize("first, second", [("ia3_a", "ia3_b"), ("dora_a", "dora_b")])
+def test_adapters_that_cannot_share_a_batch_run_as_groups_in_input_order(
+    peftkit_cli, capsys, tiny_model_dir, adapters, tmp_path, first, second
 ):
-    rows_in = [(p, {"lora_a": "ia3_a", "lora_b": "ia3_b"}.get(a, a)) for p, a in PROMPTS]
+    rows_in = [(p, {"lora_a": first, "lora_b": second}.get(a, a)) for p, a in PROMPTS]
     file = _write_prompts(tmp_path / "p.jsonl", rows_in)
     calls = []
     original = peftkit.PeftModelForCausalLM.generate
@@ -183,45 +185,19 @@ def test_other_methods_run_each_adapter_as_a_group_in_input_order(
         calls.append((self.active_adapter, kwargs["input_ids"].shape[0]))
         return original(self, *args, **kwargs)
 
-    argv = ["--adapter", adapters["ia3_a"], "--adapter", adapters["ia3_b"]]  # ia3_b/adapter is named ia3_b
+    argv = ["--adapter", adapters[first], "--adapter", adapters[second]]  # ia3_b/adapter is named ia3_b
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(peftkit.PeftModelForCausalLM, "generate", spy)
         rows = _generate(peftkit_cli, capsys, *argv, "--prompts-file", file, "--batch-size", "8")
     # one call per adapter, in first-appearance order; __base__ runs with the adapters disabled
-    assert calls == [("ia3_a", 4), ("ia3_b", 2), (None, 1)]
-    used = [a or "ia3_a" for _, a in rows_in]
+    assert calls == [(first, 4), (second, 2), (None, 1)]
+    used = [a or first for _, a in rows_in]
     assert [(r["prompt"], r["adapter"]) for r in rows] == [(p, a) for (p, _), a in zip(rows_in, used)]
     assert [r["completion"] for r in rows] == [
         _alone(peftkit_cli, capsys, tiny_model_dir, adapters, p, a) for (p, _), a in zip(rows_in, used)
     ]
     base = _alone(peftkit_cli, capsys, tiny_model_dir, adapters, rows_in[0][0], "__base__")
     assert rows[0]["completion"] != base
-
-
-def test_dora_adapters_run_as_groups_since_they_cannot_share_a_batch(
-    peftkit_cli, capsys, tiny_model_dir, adapters, tmp_path
-):
-    rows_in = [(p, {"lora_a": "dora_a", "lora_b": "dora_b"}.get(a, a)) for p, a in PROMPTS]
-    file = _write_prompts(tmp_path / "p.jsonl", rows_in)
-    calls = []
-    original = peftkit.PeftModelForCausalLM.generate
-
-    def spy(self, *args, **kwargs):
-        calls.append((kwargs.get("adapter_names"), self.active_adapter))
-        return original(self, *args, **kwargs)
-
-    argv = ["--adapter", adapters["dora_a"], "--adapter", adapters["dora_b"]]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(peftkit.PeftModelForCausalLM, "generate", spy)
-        rows = _generate(peftkit_cli, capsys, *argv, "--prompts-file", file, "--batch-size", "8")
-    assert calls == [(None, "dora_a"), (None, "dora_b"), (None, None)]  # None: __base__, disabled
-    used = [a or "dora_a" for _, a in rows_in]
-    assert [r["completion"] for r in rows] == [
-        _alone(peftkit_cli, capsys, tiny_model_dir, adapters, p, a) for (p, _), a in zip(rows_in, used)
-    ]
-    assert rows[0]["completion"] != _alone(
-        peftkit_cli, capsys, tiny_model_dir, adapters, rows_in[0][0], "__base__"
-    )
 
 
 def test_plain_output_tags_prompts_with_their_adapter(peftkit_cli, capsys, adapters, tmp_path):
