@@ -26,15 +26,14 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.train.fsdp import layer_classes
+from peftkit.train.fsdp import decoder_layers
 
 
 class CompiledLayers:
     """A context in which every decoder layer of ``model`` runs its compiled forward."""
 
     def __init__(self, model: nn.Module):
-        classes = layer_classes(model)
-        self.layers = [m for m in model.modules() if type(m).__name__ in classes]
+        self.layers = decoder_layers(model)
         if not self.layers:
             raise PeftkitError(
                 f"training.compile: {type(model).__name__} declares no decoder layer classes "

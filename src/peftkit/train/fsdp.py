@@ -65,12 +65,12 @@ class FullStateDict(Mapping):
         return len(self._state)
 
 
-def layer_classes(model: nn.Module) -> set[str]:
-    """The transformer-layer class names of ``model`` (transformers' ``_no_split_modules``)."""
-    names: set[str] = set()
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer layers of ``model``: modules of its ``_no_split_modules`` classes."""
+    classes: set[str] = set()
     for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or [])
-    return names
+        classes.update(getattr(module, "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in classes]
 
 
 def shard(loss_module: nn.Module, model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
@@ -79,9 +79,7 @@ def shard(loss_module: nn.Module, model: nn.Module, device: torch.device, world_
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world_size,))
-    classes = layer_classes(model)
-    for module in model.modules():
-        if type(module).__name__ in classes:
-            fully_shard(module, mesh=mesh)
+    for module in decoder_layers(model):
+        fully_shard(module, mesh=mesh)
     fully_shard(loss_module, mesh=mesh)
     return loss_module
