@@ -1,9 +1,11 @@
-"""What benchmarks/train_throughput.py measures: parameter counts, model FLOPs (the formula is in
-that script's docstring), step timing, peak memory and held-out loss. Shared by its workers."""
+"""What benchmarks/train_throughput.py measures: the matmul peak, parameter counts, model FLOPs
+(the formula is in that script's docstring), step timing, peak memory and held-out loss. Shared
+by its workers."""
 
 from __future__ import annotations
 
 import resource
+import time
 from typing import Any
 
 
@@ -95,3 +97,41 @@ def heldout_loss(model: Any, examples: list[Any], pad_id: int, batch_size: int =
             total += float(F.cross_entropy(logits, labels[mask], reduction="sum"))
             count += int(mask.sum())
     return total / max(1, count)
+
+
+def matmul_peak(threads: int | None, size: int, reps: int) -> dict[str, Any]:
+    """The machine's ceiling: best-of-``reps`` GFLOP/s of square fp32 and bf16 matmuls."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    out: dict[str, Any] = {"matmul_size": size, "threads": torch.get_num_threads()}
+    for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        n = _affordable_size(dtype, size)
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        torch.mm(a, b)  # warm-up: thread pool, kernel selection
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        out[f"{name}_gflops"] = 2 * n**3 / best / 1e9
+        out[f"{name}_matmul_size"] = n
+    return out
+
+
+def _affordable_size(dtype: Any, n: int, seconds: float = 1.0) -> int:
+    """``n``, halved until one n x n matmul should take under ``seconds``: a CPU without
+    AVX512-BF16 or AMX emulates bf16 at well under 1 GFLOP/s (a 2048^2 matmul took 57 s)."""
+    import torch
+
+    probe = min(n, 256)
+    a = torch.randn(probe, probe).to(dtype)
+    torch.mm(a, a)
+    start = time.perf_counter()
+    torch.mm(a, a)
+    per_flop = (time.perf_counter() - start) / (2 * probe**3)
+    while n > probe and 2 * n**3 * per_flop > seconds:
+        n //= 2
+    return n

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 # Helpers next to this script (benchmarks/ is on sys.path when it runs).
-from train_measures import heldout_loss, param_counts, peak_rss_mb, timing_summary
+from train_measures import heldout_loss, matmul_peak, param_counts, peak_rss_mb, timing_summary
 from turns import Turn, run_in_turns
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -194,40 +194,7 @@ def digest(batches: list[list[Any]]) -> str:
 
 
 def worker_peak(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out: dict[str, Any] = {"matmul_size": args.matmul_size, "threads": torch.get_num_threads()}
-    for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
-        n = _affordable_size(dtype, args.matmul_size)
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        torch.mm(a, b)  # warm-up: thread pool, kernel selection
-        best = float("inf")
-        for _ in range(args.matmul_reps):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - start)
-        out[f"{name}_gflops"] = 2 * n**3 / best / 1e9
-        out[f"{name}_matmul_size"] = n
-    return out
-
-
-def _affordable_size(dtype: Any, n: int, seconds: float = 1.0) -> int:
-    """``n``, halved until one n x n matmul should take under ``seconds``: a CPU without
-    AVX512-BF16 or AMX emulates bf16 at well under 1 GFLOP/s (a 2048^2 matmul took 57 s)."""
-    import torch
-
-    probe = min(n, 256)
-    a = torch.randn(probe, probe).to(dtype)
-    torch.mm(a, a)
-    start = time.perf_counter()
-    torch.mm(a, a)
-    per_flop = (time.perf_counter() - start) / (2 * probe**3)
-    while n > probe and 2 * n**3 * per_flop > seconds:
-        n //= 2
-    return n
+    return matmul_peak(args.threads, args.matmul_size, args.matmul_reps)
 
 
 def worker_a(args: argparse.Namespace, same_batches: bool = False) -> dict[str, Any]:
