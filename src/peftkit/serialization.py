@@ -19,12 +19,14 @@ from safetensors.torch import save as safetensors_bytes
 
 from peftkit.errors import ModelLoadError
 from peftkit.io import TMP_MARKER, atomic_dir, atomic_file, write_json
-from peftkit.methods.base import CONFIG_NAME
 from peftkit.saved_embeddings import embedding_tensors, saves_embeddings, split_embedding_tensors
 
 if TYPE_CHECKING:
     from peftkit.peft_model import PeftModel
 
+# No import from peftkit.methods here: methods import this module, so importing it first must not
+# pull in the method packages (a cycle).
+CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 PREFIX = "base_model."  # PeftModel's name for its tuner: keys read base_model.model.<original name>

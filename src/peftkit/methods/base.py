@@ -33,11 +33,10 @@ from peftkit.configuration import from_dict as build_config
 from peftkit.configuration import to_dict as plain_data
 from peftkit.errors import ModelLoadError
 from peftkit.io import write_json
+from peftkit.serialization import CONFIG_NAME
 
 if TYPE_CHECKING:
     from torch import nn
-
-CONFIG_NAME = "adapter_config.json"
 
 
 class TaskType(str, Enum):
