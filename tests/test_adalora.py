@@ -97,6 +97,23 @@ def test_same_weights_same_logits_and_loss():
     torch.testing.assert_close(out_ours.loss, base_loss + reg, atol=1e-6, rtol=0)
 
 
+def test_bf16_base_gives_peft_s_logits_exactly():
+    """The fp32 update is added to the bf16 base output with one rounding, as PEFT's in-place add."""
+    theirs = peft.get_peft_model(
+        make_tiny_llama(vocab_size=100).to(torch.bfloat16), peft.AdaLoraConfig(**kwargs())
+    ).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:  # PEFT makes ranknum trainable on a bf16 base: leave it alone
+                p.add_(0.3 * torch.randn_like(p))
+    ours = peftkit.get_peft_model(
+        make_tiny_llama(vocab_size=100).to(torch.bfloat16), AdaLoraConfig(**kwargs())
+    )
+    copy_from_peft(ours.eval(), theirs)
+    with torch.no_grad():
+        assert torch.equal(ours(**batch()).logits, theirs(**batch()).logits)
+
+
 def test_regulariser_is_the_papers_formula():
     ours = our_model(orth_reg_weight=0.3)
     terms = []

@@ -88,7 +88,7 @@ class AdaLoraLinear(LoraLayerBase):
         update = (
             (self.lora_dropout[adapter](x) @ (lora_A * lora_E).T @ lora_B.T) * self.scaling[adapter] / ranknum
         )
-        return result + update.to(result.dtype)
+        return (result + update).to(result.dtype)  # one rounding, as PEFT's in-place add
 
     def adapter_params(self, adapter_name: str) -> dict[str, str]:
         return {name: f"{name}.{adapter_name}" for name in SAVED_NAMES if adapter_name in getattr(self, name)}
@@ -143,4 +143,4 @@ class AdaLoraConv2d(AdaLoraLinear):
             dilation=base.dilation,
             groups=base.groups,
         )
-        return result + update.to(result.dtype)
+        return (result + update).to(result.dtype)  # one rounding, as PEFT's in-place add
