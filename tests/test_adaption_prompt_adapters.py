@@ -74,7 +74,9 @@ def two_adapters(arch: str, *, randomized: bool = False):
                 mine.set_adapter(name)
                 randomize(mine, seed=10 + seed)
                 reference.set_adapter(name)
-                reference.load_state_dict(peftkit.get_peft_model_state_dict(mine, name), strict=False)
+                reference.load_state_dict(
+                    peftkit.get_peft_model_state_dict(mine, adapter_name=name), strict=False
+                )
     return mine, reference
 
 

@@ -198,15 +198,25 @@ def test_wrapping_twice_is_refused():
         get_peft_model(model.get_base_model(), lora(target_modules=["v_proj"]))
 
 
-def test_explicit_delegation_and_generate(ids):
+def test_delegation_to_the_base_model_and_generate(ids):
     base = make_tiny_llama()
     model = get_peft_model(base, lora(target_modules=["q_proj"]))
     assert model.config is base.config
     assert model.device.type == "cpu" and model.dtype == torch.float32
     assert model.get_input_embeddings() is base.model.embed_tokens
-    assert "__getattr__" not in PeftModel.__dict__
-    with pytest.raises(AttributeError):
-        model.vocab_size  # noqa: B018 - not delegated: no silent forwarding
+    # as in PEFT, what the wrapper lacks is read from the model inside it
+    assert model.vocab_size == base.vocab_size and model.can_generate()
+    assert model.num_parameters() == base.num_parameters()
+    with pytest.raises(AttributeError, match="nor has its base model .LlamaForCausalLM"):
+        model.no_such_thing  # noqa: B018
+    # ... except what would act on the wrong object
+    with pytest.raises(AttributeError, match="does not upload: save_pretrained"):
+        model.push_to_hub  # noqa: B018 - it would upload the whole base model
+    with pytest.raises(AttributeError, match="disable_adapter_layers"):
+        model.disable_adapters()
+    assert not hasattr(model, "__deepcopy__")  # copying copies the wrapper, not only the base model
+    twin = copy.deepcopy(model)
+    assert isinstance(twin, PeftModel) and torch.equal(logits(twin, ids), logits(model, ids))
     out = model.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7)
 

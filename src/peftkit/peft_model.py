@@ -6,8 +6,8 @@
 
 The attribute path is PEFT's, so ``state_dict()`` keys read
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` in both libraries.
-Attributes of the wrapped model are delegated explicitly (``config``, ``generate``, ...); there
-is no catch-all ``__getattr__``, so a typo raises instead of reaching into the wrong object.
+Attributes it lacks are read from the wrapped model, as in PEFT, except those that would act on
+the wrong object (``push_to_hub``, transformers' own adapter methods): ``peft_model_access.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,8 @@ from peftkit.errors import PeftkitError
 from peftkit.methods import get_method
 from peftkit.methods.base import AdapterModule, PeftConfig, TunerModel
 from peftkit.methods.merging import refuse_while_merged
+from peftkit.methods.modules_to_save import ModulesToSaveWrapper
+from peftkit.peft_model_access import WrappedModelAccess
 from peftkit.quantization import logical_numel
 from peftkit.saved_embeddings import check_saved_vocabulary
 from peftkit.serialization import (
@@ -42,7 +44,7 @@ def _model_name(model: nn.Module) -> str | None:
     return model.__dict__.get("name_or_path") or None
 
 
-class PeftModel(nn.Module):
+class PeftModel(WrappedModelAccess, nn.Module):
     """Wraps ``model`` with the adapter described by ``peft_config`` (injected in place)."""
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
@@ -142,10 +144,65 @@ class PeftModel(nn.Module):
         )
         self._update_trainable()  # the new adapter's parameters are created trainable
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Use ``adapter_name`` in forward; only its weights are trainable (unless inference_mode)."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Use ``adapter_name`` in forward and make its weights the trainable ones, as PEFT does
+        (also for an adapter loaded with ``is_trainable=False``); ``inference_mode=True`` keeps
+        them frozen. The choice is kept in its config, so adding or deleting adapters keeps it."""
+        self._check_names([adapter_name])
         self.base_model.set_adapter(adapter_name)
+        self.peft_config[adapter_name].inference_mode = inference_mode
         self._update_trainable()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters' weights on or off (PEFT's method)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_names(names)
+        for name in names:
+            for param in self._adapter_parameters(name):
+                param.requires_grad_(requires_grad)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model until :meth:`enable_adapter_layers` (PEFT's tuner method; ``with
+        model.disable_adapter():`` is the block form). Merged adapters are unmerged first."""
+        if self.active_adapter is None:
+            return
+        if self.merged_adapters:
+            warnings.warn("unmerging the merged adapter(s) to disable them", stacklevel=2)
+            self.unmerge_adapter()
+        self._disabled_adapter = self.active_adapter
+        self.base_model.set_adapter(None)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo :meth:`disable_adapter_layers`: the adapter that was active is active again."""
+        name = self.__dict__.pop("_disabled_adapter", None)
+        if name in self.peft_config and self.active_adapter is None:
+            self.base_model.set_adapter(name)
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (in the wrapped model) of the modules an adapter was injected into, as PEFT lists
+        them (``modules_to_save`` copies are not among them)."""
+        return [
+            name
+            for name, module in self.get_base_model().named_modules()
+            if isinstance(module, AdapterModule) and not isinstance(module, ModulesToSaveWrapper)
+        ]
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The ``modules_to_save`` names of all adapters (a task's head included), or None (PEFT's)."""
+        names = {n for c in self.peft_config.values() for n in getattr(c, "modules_to_save", None) or []}
+        return names or None
+
+    def _check_names(self, names: list[str]) -> None:
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter(s) named {unknown}; adapters: {', '.join(self.peft_config)}")
+
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        params = dict(self.base_model.named_parameters(remove_duplicate=False))
+        keys = self.base_model.adapter_state_keys(adapter_name).values()
+        return [params[key] for key in keys if key in params]
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -170,10 +227,8 @@ class PeftModel(nn.Module):
             param.requires_grad_(False)
         if self.active_adapter is None or self.active_peft_config.inference_mode:
             return
-        params = dict(self.base_model.named_parameters(remove_duplicate=False))
-        for name in self.base_model.adapter_state_keys(self.active_adapter).values():
-            if name in params:
-                params[name].requires_grad_(True)
+        for param in self._adapter_parameters(self.active_adapter):
+            param.requires_grad_(True)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -199,66 +254,6 @@ class PeftModel(nn.Module):
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
-
-    # -- explicit delegation to the wrapped model ----------------------------------------------
-
-    @property
-    def config(self) -> Any:
-        return self.get_base_model().config
-
-    @property
-    def generation_config(self) -> Any:
-        return self.get_base_model().generation_config
-
-    @property
-    def device(self) -> torch.device:
-        base = self.get_base_model()
-        return base.device if hasattr(base, "device") else next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        base = self.get_base_model()
-        return base.dtype if hasattr(base, "dtype") else next(self.parameters()).dtype
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.get_base_model().get_input_embeddings()
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.get_base_model().get_output_embeddings()
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        return any(getattr(m, "gradient_checkpointing", False) for m in self.get_base_model().modules())
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
-        """Recompute activations in backward, and let inputs require grad: with frozen embeddings,
-        reentrant checkpointing would otherwise see no input needing grad and drop the adapters' grads."""
-        base = self.get_base_model()
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
-        self.enable_input_require_grads()
-
-    def activation_checkpointing_disable(self) -> None:
-        base = self.get_base_model()
-        if hasattr(base, "activation_checkpointing_disable"):
-            base.activation_checkpointing_disable()
-        else:
-            base.gradient_checkpointing_disable()
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """The older transformers name of :meth:`activation_checkpointing_enable`."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.activation_checkpointing_disable()
-
-    def enable_input_require_grads(self) -> None:
-        self.get_base_model().enable_input_require_grads()
-
-    def disable_input_require_grads(self) -> None:
-        self.get_base_model().disable_input_require_grads()
 
     # -- merging and unloading -----------------------------------------------------------------
 
@@ -334,14 +329,16 @@ class PeftModel(nn.Module):
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
-        selected_adapters: list[str] | None = None,
-        *,
         safe_serialization: bool = True,
-        is_main_process: bool = True,
+        selected_adapters: list[str] | None = None,
         save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+        *,
         state_dict: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as PEFT does.
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as PEFT does
+        (PEFT's arguments, in PEFT's order).
 
         The "default" adapter goes into ``save_directory``, others into ``save_directory/<name>``.
         ``is_main_process=False`` writes nothing (for multi-process training); as in PEFT, every
@@ -350,16 +347,23 @@ class PeftModel(nn.Module):
         ``save_embedding_layers`` (PEFT's option): also save the full input/output embedding
         matrices; "auto" does so when ``embed_tokens``/``lm_head`` is a target or the vocabulary
         was resized (``config.vocab_size`` differs from the base model's).
+        ``path_initial_model_for_weight_conversion`` (PEFT's option): the directory where this
+        PiSSA / OLoRA adapter was saved right after ``get_peft_model``, before training; the adapter
+        is then written as a plain LoRA adapter of twice the rank for the original, unchanged base
+        model (``methods/lora/plain_conversion.py``).
         """
         if not safe_serialization:
             raise ValueError("peftkit writes adapters only as safetensors; drop safe_serialization=False")
+        initial = None
+        if path_initial_model_for_weight_conversion is not None:
+            initial = load_adapter_weights(resolve_adapter_dir(path_initial_model_for_weight_conversion))
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"no adapter(s) named {unknown}; adapters: {', '.join(self.peft_config)}")
         tensors = {
             name: get_peft_model_state_dict(
-                self, name, state_dict=state_dict, save_embedding_layers=save_embedding_layers
+                self, state_dict, name, save_embedding_layers=save_embedding_layers
             )
             for name in names
         }
@@ -377,6 +381,8 @@ class PeftModel(nn.Module):
                 if config["task_type"] is None
                 else None
             )
+            if initial is not None:
+                tensors[name], config = self.base_model.as_plain_adapter(tensors[name], config, initial)
             adapters["" if name == "default" else name] = (tensors[name], config)
         save_adapters(save_directory, adapters)
 
@@ -388,15 +394,26 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        *,
         revision: str | None = None,
+        subfolder: str | None = None,
+        torch_device: str | torch.device | None = None,
     ) -> PeftModel:
-        """Wrap ``model`` with the adapter saved in ``model_id`` (a directory or Hub repo id).
+        """Wrap ``model`` with the adapter saved in ``model_id`` (a directory or Hub repo id;
+        ``subfolder`` within it).
 
         Reads only safetensors. Called on ``PeftModel`` it returns the class for the saved
         ``task_type`` (``PeftModelForCausalLM`` for CAUSAL_LM, ...: see ``peftkit.task_models``).
         Without ``is_trainable`` the adapter is frozen and the model put in eval mode.
+        ``autocast_adapter_dtype`` as in :func:`get_peft_model`. PEFT's ``ephemeral_gpu_offload``,
+        ``low_cpu_mem_usage`` and ``torch_device`` are accepted and change nothing here: the saved
+        tensors are copied into adapter weights that already sit on the model's device.
         """
-        directory = resolve_adapter_dir(model_id, revision)
+        del ephemeral_gpu_offload, low_cpu_mem_usage, torch_device
+        directory = resolve_adapter_dir(model_id, revision, subfolder)
         config = config if config is not None else PeftConfig.from_pretrained(directory)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         weights = load_adapter_weights(directory)  # before injecting: fail early on a missing/pickle file
@@ -409,6 +426,8 @@ class PeftModel(nn.Module):
             model_cls = cls
         peft_model = model_cls(model, config, adapter_name)
         set_peft_model_state_dict(peft_model, weights, adapter_name)
+        if not autocast_adapter_dtype:
+            peft_model._cast_adapter(adapter_name)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -418,27 +437,73 @@ class PeftModel(nn.Module):
         model_id: str | os.PathLike,
         adapter_name: str,
         is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        *,
         revision: str | None = None,
+        subfolder: str | None = None,
     ) -> None:
-        """Add the adapter saved in ``model_id`` under ``adapter_name`` (not made active)."""
-        directory = resolve_adapter_dir(model_id, revision)
+        """Add the adapter saved in ``model_id`` under ``adapter_name`` (not made active). The
+        other arguments are PEFT's and mean what they do in :meth:`from_pretrained`."""
+        del torch_device, ephemeral_gpu_offload, low_cpu_mem_usage
+        directory = resolve_adapter_dir(model_id, revision, subfolder)
         config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
         weights = load_adapter_weights(directory)
         self.add_adapter(adapter_name, config)
         set_peft_model_state_dict(self, weights, adapter_name)
+        if not autocast_adapter_dtype:
+            self._cast_adapter(adapter_name)
+
+    def _cast_adapter(self, adapter_name: str) -> None:
+        """Keep ``adapter_name``'s floating-point weights in the base model's dtype (fp16/bf16),
+        not fp32 (``autocast_adapter_dtype=False``)."""
+        dtype = self.dtype
+        if dtype not in (torch.float16, torch.bfloat16):
+            return
+        with torch.no_grad():
+            for param in self._adapter_parameters(adapter_name):
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
     """Inject the adapter described by ``peft_config`` into ``model`` (in place) and wrap it.
 
     ``peft_config`` itself is not modified; the model's copy records the base model's name
-    (a ``base_model_name_or_path`` set in the config wins over the path the model was loaded from).
+    (a ``base_model_name_or_path`` set in the config wins over the path the model was loaded from)
+    and ``revision``, if given. The arguments are PEFT's:
+
+    - ``autocast_adapter_dtype`` (default True): adapter weights are fp32 on an fp16/bf16 model;
+      False keeps them in the model's dtype.
+    - ``mixed=True`` (PEFT's ``PeftMixedModel``, adapters of several methods at once) is refused.
+    - ``low_cpu_mem_usage`` is accepted and changes nothing: adapter weights are created once.
     """
     from peftkit.task_models import model_class_for  # it imports this module
 
+    del low_cpu_mem_usage
+    if mixed:
+        raise PeftkitError(
+            "peftkit has no mixed model (mixed=True, adapters of different methods on one model): "
+            "use one method per model, or several adapters of the same method with add_adapter"
+        )
     config = dataclasses.replace(peft_config)
     config.base_model_name_or_path = config.base_model_name_or_path or _model_name(model)
-    return model_class_for(config.task_type)(model, config, adapter_name)
+    if revision is not None:
+        config.revision = revision
+    peft_model = model_class_for(config.task_type)(model, config, adapter_name)
+    if not autocast_adapter_dtype:
+        peft_model._cast_adapter(adapter_name)
+    return peft_model
 
 
 def __getattr__(name: str) -> Any:

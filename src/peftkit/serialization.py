@@ -10,6 +10,7 @@ unpickling runs arbitrary code from the file.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -50,17 +51,21 @@ def _key_map(model: PeftModel, adapter_name: str) -> dict[str, str]:
 
 def get_peft_model_state_dict(
     model: PeftModel,
-    adapter_name: str = "default",
     state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
     save_embedding_layers: bool | str = "auto",
 ) -> dict[str, torch.Tensor]:
     """The adapter's tensors under their saved names (adapter name removed), as PEFT returns them.
 
-    ``state_dict`` may be passed when the model's own is not usable directly (e.g. gathered from
-    FSDP shards); it must have the model's key names. ``save_embedding_layers`` adds the full
+    The arguments are PEFT's, in PEFT's order. ``state_dict`` may be passed when the model's own
+    is not usable directly (e.g. gathered from FSDP shards); it must have the model's key names.
+    ``unwrap_compiled`` accepts a ``torch.compile``-d model. ``save_embedding_layers`` adds the full
     embedding matrices as PEFT does (see ``saved_embeddings.py``; "auto": when an embedding is
     a target or the vocabulary was resized).
     """
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
     if state_dict is None:
         state_dict = model.state_dict()
     tensors = {saved: state_dict[own] for saved, own in _key_map(model, adapter_name).items()}
@@ -77,17 +82,23 @@ def _sample(keys: list[str], limit: int = 5) -> str:
 
 def set_peft_model_state_dict(
     model: PeftModel,
-    state_dict: dict[str, torch.Tensor],
+    peft_model_state_dict: dict[str, torch.Tensor],
     adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
     *,
     strict: bool = True,
 ) -> AdapterLoadResult:
-    """Copy saved adapter tensors into ``model``'s adapter ``adapter_name``.
+    """Copy saved adapter tensors into ``model``'s adapter ``adapter_name`` (PEFT's arguments).
 
-    With ``strict`` (default) any missing or unexpected key raises ``ModelLoadError`` naming them;
-    otherwise the keys that fit are loaded and the rest reported in the result. A shape mismatch
-    always raises.
+    With ``strict`` (default; PEFT only warns) any missing or unexpected key raises
+    ``ModelLoadError`` naming them; otherwise the keys that fit are loaded and the rest reported
+    in the result. A shape mismatch raises, unless ``ignore_mismatched_sizes``: then those tensors
+    are left as they are, with a warning naming them. ``low_cpu_mem_usage`` is accepted for
+    PEFT's callers and changes nothing: the adapter's tensors exist already and are copied into.
     """
+    del low_cpu_mem_usage
+    state_dict = peft_model_state_dict
     key_map = _key_map(model, adapter_name)
     embeddings, state_dict = split_embedding_tensors(model, adapter_name, state_dict, set(key_map))
     state_dict = model.base_model.from_saved_tensors(adapter_name, state_dict)
@@ -121,8 +132,15 @@ def set_peft_model_state_dict(
                 wrong_shape.append(f"{saved} (file {tuple(value.shape)}, model {tuple(target.shape)})")
                 continue
             target.copy_(value)
+    if wrong_shape and not ignore_mismatched_sizes:
+        raise ModelLoadError(
+            f"adapter tensors have the wrong shape: {_sample(wrong_shape)} "
+            "(ignore_mismatched_sizes=True leaves those tensors as they are)"
+        )
     if wrong_shape:
-        raise ModelLoadError(f"adapter tensors have the wrong shape: {_sample(wrong_shape)}")
+        warnings.warn(
+            f"adapter tensors of the wrong shape were not loaded: {_sample(wrong_shape)}", stacklevel=2
+        )
     with torch.no_grad():  # full embedding matrices saved with the adapter (save_embedding_layers)
         for own, value in embeddings.items():
             own_tensors[own].copy_(value)
@@ -165,11 +183,18 @@ def load_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
     )
 
 
-def resolve_adapter_dir(model_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local adapter directory, or the Hub repo ``model_id`` downloaded (config + safetensors only)."""
+def resolve_adapter_dir(
+    model_id: str | os.PathLike, revision: str | None = None, subfolder: str | None = None
+) -> Path:
+    """A local adapter directory, or the Hub repo ``model_id`` downloaded (config + safetensors only);
+    with ``subfolder``, that folder of either."""
     path = Path(model_id)
     if path.is_dir():
-        return path
+        if subfolder and not (path / subfolder).is_dir():
+            raise ModelLoadError(
+                f"no adapter directory at {path / subfolder} (subfolder {subfolder!r} of {path})"
+            )
+        return path / subfolder if subfolder else path
     text = str(model_id)
     if text.count("/") > 1 or text.startswith((".", "/", "~")) or os.sep != "/" and os.sep in text:
         # Hub ids are "name" or "owner/name": anything longer is a local path that is not there.
@@ -178,9 +203,9 @@ def resolve_adapter_dir(model_id: str | os.PathLike, revision: str | None = None
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
-        config_path = hf_hub_download(str(model_id), CONFIG_NAME, revision=revision)
+        config_path = hf_hub_download(str(model_id), CONFIG_NAME, revision=revision, subfolder=subfolder)
         try:
-            hf_hub_download(str(model_id), WEIGHTS_NAME, revision=revision)
+            hf_hub_download(str(model_id), WEIGHTS_NAME, revision=revision, subfolder=subfolder)
         except EntryNotFoundError:
             pass  # load_adapter_weights reports the missing file
     except Exception as err:  # offline, no such repo, no access: all mean "cannot find it"

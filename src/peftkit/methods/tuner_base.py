@@ -133,6 +133,17 @@ class TunerBase(nn.Module):
         selected (under their saved names, ``base_model.`` prefix included). Default: unchanged."""
         return tensors
 
+    def as_plain_adapter(
+        self, tensors: dict[str, torch.Tensor], config: dict[str, Any], initial: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """An adapter whose initialisation changed the base weights, rewritten for the unchanged
+        base model: ``(tensors, adapter_config.json dict)``, given the tensors saved right after
+        initialisation (``save_pretrained(path_initial_model_for_weight_conversion=...)``)."""
+        raise PeftkitError(
+            f"{getattr(self, 'method_name', type(self).__name__)} adapters cannot be converted with "
+            "path_initial_model_for_weight_conversion: only LoRA adapters (PiSSA / OLoRA init) can"
+        )
+
     def from_saved_tensors(
         self, adapter_name: str, tensors: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from peftkit.methods.lora.conv import CONV_TYPES, LoraConv
 from peftkit.methods.lora.embedding import LoraEmbedding
 from peftkit.methods.lora.layer import LoraLinear
 from peftkit.methods.lora.mixed_batch import mixed_batch, validate_adapter_names, why_not_mixed
+from peftkit.methods.lora.plain_conversion import as_plain_lora
 from peftkit.methods.lora.trainable_tokens import wrap_trainable_tokens
 from peftkit.methods.lora.weighted import add_weighted_adapter
 from peftkit.methods.targeting import is_linear_like
@@ -145,3 +146,8 @@ class LoraModel(InjectedAdapterModel):
     ) -> None:
         """Add ``adapter_name`` combining ``adapters`` (PEFT's options; see ``weighted.py``)."""
         add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
+
+    def as_plain_adapter(
+        self, tensors: dict[str, Any], config: dict[str, Any], initial: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        return as_plain_lora(tensors, config, initial)  # PiSSA / OLoRA -> LoRA, see plain_conversion.py
