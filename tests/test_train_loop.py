@@ -125,6 +125,42 @@ def test_existing_run_is_not_silently_overwritten(tiny_model_dir, data_file, tmp
     run_training(job(tiny_model_dir, data_file, tmp_path, max_steps=2), progress=False, overwrite=True)
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_starts(tiny_model_dir, data_file, tmp_path):
+    from peftkit.errors import TargetModulesError
+
+    run_training(job(tiny_model_dir, data_file, tmp_path, max_steps=2, save_every=1), progress=False)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    broken = job(tiny_model_dir, data_file, tmp_path, max_steps=2)
+    broken.method_config.target_modules = ["no_such_module"]
+    with pytest.raises(TargetModulesError):
+        run_training(broken, progress=False, overwrite=True)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # A new run that is interrupted leaves only its own files: no old adapter next to its config.
+    new = job(tiny_model_dir, data_file, tmp_path, max_steps=4, save_every=100)
+    assert run_training(new, progress=False, overwrite=True, stop_after_step=1) == {"interrupted_at": 1}
+    assert not (tmp_path / "adapter").exists() and not list_checkpoints(tmp_path)
+    assert "max_steps: 4" in (tmp_path / "train_config.yaml").read_text()
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1]
+
+
+def test_resume_refuses_a_changed_config_and_names_the_keys(tiny_model_dir, data_file, tmp_path):
+    from peftkit.errors import PeftkitError
+
+    run = job(tiny_model_dir, data_file, tmp_path, save_every=2)
+    run_training(run, progress=False, stop_after_step=3)
+    changed = job(tiny_model_dir, data_file, tmp_path, save_every=2, learning_rate=5e-3)
+    changed.method_config.r = 8
+    with pytest.raises(PeftkitError, match=r"lora.r \(4 -> 8\), training.learning_rate \(0.01 -> 0.005\)"):
+        run_training(changed, progress=False, resume=True)
+    with pytest.raises(PeftkitError, match="pass one of them"):
+        run_training(run, progress=False, resume=True, overwrite=True)
+    # what does not change the training may change: logging, checkpoint cadence, evaluation
+    same = job(tiny_model_dir, data_file, tmp_path, save_every=3, log_every=2)
+    same.evaluation.show_samples = 0
+    run_training(same, progress=False, resume=True)
+    assert (tmp_path / "adapter").is_dir()
+
+
 def test_interrupted_save_leaves_no_complete_checkpoint(tiny_model_dir, data_file, tmp_path, monkeypatch):
     import peftkit.train.checkpoint as checkpoint
 

@@ -46,7 +46,15 @@ from peftkit.train.config import TrainJobConfig
 from peftkit.train.distributed import World, choose_strategy, data_parallel, no_sync
 from peftkit.train.fsdp import FullStateDict, full
 from peftkit.train.metrics import MetricsLog
-from peftkit.train.output import ADAPTER_DIR, RESULTS_FILE, prepare_output_dir, read_results, report
+from peftkit.train.output import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    RESULTS_FILE,
+    prepare_output_dir,
+    read_results,
+    replace_previous_run,
+    report,
+)
 from peftkit.train.packing import check_isolation
 from peftkit.train.precision import split_precision, store_in_dtype
 from peftkit.train.schedule import build_scheduler
@@ -143,7 +151,9 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     device = world.start(resolve_device(t.device), t.collective_timeout_minutes)
     output_dir = Path(job.output_dir)
     if world.is_main:
-        checkpoint = prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
+        checkpoint = prepare_output_dir(
+            output_dir, resume=resume, overwrite=overwrite, config=job.to_yaml_dict()
+        )
     world.barrier()  # the other ranks read the directory only once rank 0 has prepared it
     if not world.is_main:
         checkpoint = latest_checkpoint(output_dir) if resume else None
@@ -260,7 +270,9 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         session.start_step, session.tokens_seen = state.step, state.tokens_seen
         say(f"Resumed from {checkpoint} (step {state.step} of {total_steps})")
     if world.is_main:
-        with atomic_file(output_dir / "train_config.yaml", "w") as handle:
+        if overwrite:
+            replace_previous_run(output_dir)  # only now: a run that fails to start keeps the old one
+        with atomic_file(output_dir / CONFIG_FILE, "w") as handle:
             yaml.safe_dump(job.to_yaml_dict(), handle, sort_keys=False)
     return session
 

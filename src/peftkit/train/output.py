@@ -2,7 +2,7 @@
 
 ``output_dir/`` holds ``adapter/`` (the final adapter and tokenizer), ``checkpoints/``
 (``train/checkpoint.py``), ``metrics.jsonl`` and its plot (``train/metrics.py``),
-``eval_results.json`` and ``train_config.yaml``.
+``eval_results.json`` and ``train_config.yaml`` (the job as run, which ``--resume`` compares with).
 """
 
 from __future__ import annotations
@@ -13,17 +13,46 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from peftkit.errors import PeftkitError
+from peftkit.io import TMP_MARKER
 from peftkit.tasks import Task
 from peftkit.train.checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
-from peftkit.train.metrics import METRICS_FILE
+from peftkit.train.metrics import METRICS_FILE, PLOT_FILE
 
 ADAPTER_DIR = "adapter"
 RESULTS_FILE = "eval_results.json"
 
 
-def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """Return the checkpoint to resume from; refuse to silently mix two runs in one directory."""
+CONFIG_FILE = "train_config.yaml"
+# What a resumed run may change: none of it changes what is trained.
+RESUMABLE = (
+    "output_dir",
+    "evaluation.",
+    "training.log_every",
+    "training.save_every",
+    "training.keep_checkpoints",
+    "training.num_threads",
+    "training.device",
+    "training.collective_timeout_minutes",
+)
+
+
+def prepare_output_dir(
+    output_dir: Path, *, resume: bool, overwrite: bool, config: dict[str, Any] | None = None
+) -> Path | None:
+    """Return the checkpoint to resume from; refuse to silently mix two runs in one directory.
+
+    With ``overwrite`` nothing is deleted yet: :func:`replace_previous_run` removes the old run
+    once the new one is set up, so a run that fails before training leaves the old one intact.
+    With ``resume``, ``config`` (the job as ``train_config.yaml`` records it) must match the run's
+    except for the ``RESUMABLE`` keys.
+    """
+    if resume and overwrite:
+        raise PeftkitError(
+            "--resume continues the run in output_dir and --overwrite replaces it: pass one of them"
+        )
     checkpoint = latest_checkpoint(output_dir)
     if resume:
         if checkpoint is None:
@@ -33,6 +62,8 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> Pa
                 file=sys.stderr,
                 flush=True,
             )
+        elif config is not None:
+            check_same_config(output_dir / CONFIG_FILE, config)
         return checkpoint
     has_run = list_checkpoints(output_dir) or (output_dir / ADAPTER_DIR).exists()
     if has_run and not overwrite:
@@ -40,13 +71,61 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> Pa
             f"{output_dir} already holds a run (checkpoints or an adapter): pass --resume to continue it, "
             "--overwrite to start again, or set output_dir to a new directory"
         )
-    if overwrite:
-        # A later --resume must never pick up a checkpoint of the run being replaced.
-        shutil.rmtree(checkpoints_dir(output_dir), ignore_errors=True)
-        for name in (RESULTS_FILE, METRICS_FILE):
-            (output_dir / name).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def replace_previous_run(output_dir: Path) -> None:
+    """Remove what an earlier run wrote into ``output_dir`` (for ``--overwrite``), just before the
+    new run writes anything: a later ``--resume`` must never pick up the old run's checkpoints, and
+    an interrupted new run must not sit next to the old run's adapter. Other files are kept."""
+    for name in (
+        ADAPTER_DIR,
+        checkpoints_dir(output_dir).name,
+        RESULTS_FILE,
+        METRICS_FILE,
+        PLOT_FILE,
+        CONFIG_FILE,
+    ):
+        path = output_dir / name
+        if path.is_dir():
+            # Renamed first (atomic), so a kill mid-delete leaves no half of the old adapter in place.
+            trash = path.with_name(f"{path.name}{TMP_MARKER}old")
+            shutil.rmtree(trash, ignore_errors=True)
+            path.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def check_same_config(recorded: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume with settings that differ from the recorded run's (they would be ignored,
+    or break the checkpoint's shapes), naming every changed key."""
+    if not recorded.is_file():
+        return  # a run from before the config was recorded: nothing to compare
+    before = _leaves(yaml.safe_load(recorded.read_text()) or {})
+    now = _leaves(yaml.safe_load(yaml.safe_dump(config, sort_keys=False)) or {})
+    changed = [
+        f"{key} ({before.get(key, '<unset>')!r} -> {now.get(key, '<unset>')!r})"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key) and not key.startswith(RESUMABLE)
+    ]
+    if changed:
+        raise PeftkitError(
+            f"--resume: this config differs from the run's ({recorded}) in: {', '.join(changed)}. "
+            "A resumed run continues with the settings it was started with: undo these changes, or start "
+            "a new run (--overwrite, or another output_dir)"
+        )
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"training.learning_rate": 0.01, ...}`` for a nested config dict."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def report(task: Task, results: dict[str, Any], plot: Path | None) -> None:
