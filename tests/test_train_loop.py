@@ -143,6 +143,15 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_starts(tiny_model_dir, da
     assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1]
 
 
+def test_adapter_records_a_relative_base_directory_as_absolute(
+    tiny_model_dir, data_file, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    run_training(job(Path(tiny_model_dir.name), data_file, tmp_path, max_steps=1), progress=False)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
+
+
 def test_resume_refuses_a_changed_config_and_names_the_keys(tiny_model_dir, data_file, tmp_path):
     from peftkit.errors import PeftkitError
 

@@ -132,6 +132,13 @@ def total_optimizer_steps(job: TrainJobConfig, batches_per_epoch: int) -> int:
     return max(1, math.ceil(t.epochs * batches_per_epoch / t.gradient_accumulation_steps))
 
 
+def recorded_base(base_model: str) -> str:
+    """The base model as the adapter records it: a local directory as an absolute path (a relative
+    one would mean another directory to a later command run elsewhere), an alias or Hub id as is."""
+    path = Path(base_model).expanduser()
+    return str(path.resolve()) if path.is_dir() else base_model
+
+
 def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False) -> TrainSession:
     from peftkit import get_peft_model
     from peftkit.data import build_datasets
@@ -202,7 +209,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     # cache path), and what it was trained for, so AutoPeftModel-style loaders can rebuild it.
     method_config = dataclasses.replace(
         job.method_config,
-        base_model_name_or_path=job.method_config.base_model_name_or_path or job.base_model,
+        base_model_name_or_path=job.method_config.base_model_name_or_path or recorded_base(job.base_model),
         task_type=job.task,  # build_job_config checked the method section agrees
     )
     method_config = with_new_tokens(job.tokens, method_config, model, new_token_ids)
