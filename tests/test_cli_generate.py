@@ -160,19 +160,21 @@ def test_chat_keeps_history_and_resets(peftkit_cli, model_dir, tiny_tokenizer, m
         peftkit_cli,
         model_dir,
         monkeypatch,
-        "hello\nand then?\n/reset\n\nagain\n/exit\nnever read\n",
+        "hello\nand then?\n/reset\n\nagain\n/rset\n//etc is a folder\n/exit\nnever read\n",
         "--no-stream",
     )
     assert rc == 0
     first = expected_reply(tiny_tokenizer, user("hello"))
-    assert [len(c) for c in conversations] == [1, 3, 1]
+    assert [len(c) for c in conversations] == [1, 3, 1, 3]
     assert conversations[1] == [*user("hello"), {"role": "assistant", "content": first}, *user("and then?")]
     assert conversations[2] == user("again"), "/reset must forget the earlier turns"
+    assert conversations[3][-1] == user("/etc is a folder")[0], "a mistyped command is not sent; // escapes"
     out = capsys.readouterr()
     replies = out.out.splitlines()
     assert replies[0] == first
-    assert replies[-1] == expected_reply(tiny_tokenizer, user("again"))
+    assert expected_reply(tiny_tokenizer, user("again")) in replies
     assert "conversation cleared" in out.err
+    assert "unknown command /rset: the commands are /reset" in out.err
 
 
 def test_chat_streams_and_ends_at_end_of_input(peftkit_cli, model_dir, tiny_tokenizer, monkeypatch, capsys):
@@ -191,3 +193,11 @@ def test_chat_needs_a_chat_template(peftkit_cli, tmp_path, tiny_tokenizer, monke
     tokenizer.save_pretrained(tmp_path)
     assert run_chat(peftkit_cli, tmp_path, monkeypatch, "hello\n") == 2
     assert "--no-chat-template" in capsys.readouterr().err
+
+
+def test_version(peftkit_cli, capsys):
+    import peftkit
+
+    with pytest.raises(SystemExit) as done:
+        peftkit_cli(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"peftkit {peftkit.__version__}"

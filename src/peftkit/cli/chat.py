@@ -86,6 +86,15 @@ def run(args: argparse.Namespace) -> int:
         if command in ("/adapter", "/base"):
             adapter = _switch_adapter(adapter, "/adapter __base__" if command == "/base" else message, loaded)
             continue
+        if message.startswith("//"):
+            message = message[1:]  # an escaped leading slash: a message, not a command
+        elif message.startswith("/"):
+            print(
+                f"unknown command {command}: the commands are /reset, /adapter [NAME], /base and /exit "
+                "(start a message with // to send one that begins with /)",
+                file=sys.stderr,
+            )
+            continue
         history.append({"role": "user", "content": message})
         prompt_ids = _fit_context(model, tokenizer, args.system, history, args.max_new_tokens)
         with using_adapter(model, adapter):
