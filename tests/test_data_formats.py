@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -82,6 +83,21 @@ def test_sharegpt_messages_and_system_prompt(tiny_tokenizer):
 def test_chat_without_assistant_turn_is_an_error(tiny_tokenizer):
     with pytest.raises(DataError, match=r"data\.train\[0\]: conversation has no assistant message"):
         one([{"messages": CHAT[:2]}], tiny_tokenizer)
+
+
+def test_unknown_chat_role_names_the_line_and_the_roles(tmp_path, tiny_tokenizer):
+    path = tmp_path / "chat.jsonl"
+    good = {"messages": [*CHAT, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "ok"}]}
+    bad = {"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    expected = r"chat\.jsonl:2: unknown role 'usr' in message 0 \(expected one of: system, user, assistant, tool, developer, ipython\)"
+    with pytest.raises(DataError, match=expected):
+        build_datasets(DataConfig(train=str(path)), tiny_tokenizer)
+    data = build_datasets(DataConfig(train=str(path), skip_bad_rows=True), tiny_tokenizer)
+    assert len(data.train) == 1 and data.report.skipped == 1
+    sharegpt = [{"from": "humn", "value": "hi"}, {"from": "gpt", "value": "x"}]
+    with pytest.raises(DataError, match=r"unknown role 'humn' .*ShareGPT 'from': human, gpt"):
+        one([{"conversations": sharegpt}], tiny_tokenizer, columns={"messages": "conversations"})
 
 
 def test_template_that_is_not_prefix_consistent_is_reported(tiny_tokenizer):

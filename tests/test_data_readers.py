@@ -117,6 +117,27 @@ def test_wrong_types_are_row_errors(tmp_path, tiny_tokenizer):
     assert encode(str(path), tiny_tokenizer)[0].answer == "4"
 
 
+def test_null_field_is_named_as_null(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "t.jsonl", [ROWS[0], {"prompt": "2+2=", "completion": None}])
+    with pytest.raises(DataError, match=r"t\.jsonl:2: field 'completion' is null; give it a value"):
+        encode(str(path), tiny_tokenizer)
+    write_jsonl(path, [{"q": "2+2=", "a": None}])
+    with pytest.raises(DataError, match=r"t\.jsonl:1: field 'completion' \(column 'a'\) is null"):
+        encode(str(path), tiny_tokenizer, columns={"prompt": "q", "completion": "a"})
+
+
+def test_classification_labels_may_be_integers_but_not_null(tmp_path):
+    from peftkit.data.formats import RowError
+    from peftkit.data.task_formats import text_label
+
+    cfg = DataConfig(train=[])
+    assert text_label({"text": "good", "label": 1}, cfg)["label"] == "1"
+    with pytest.raises(RowError, match=r"^field 'label' is null"):
+        text_label({"text": "good", "label": None}, cfg)
+    with pytest.raises(RowError, match=r"^field 'text' must be a string, got list"):
+        text_label({"text": [5], "label": 1}, cfg)
+
+
 def test_skip_bad_rows_counts_and_reports(tmp_path, tiny_tokenizer):
     path = tmp_path / "t.jsonl"
     lines = [

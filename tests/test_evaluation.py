@@ -215,6 +215,29 @@ def test_evaluate_generation_needs_answers(tiny_llama, tiny_tokenizer):
         evaluate_generation(tiny_llama, tiny_tokenizer, rows, max_new_tokens=2)
 
 
+def test_causal_lm_held_out_rows_without_answers_get_loss_not_accuracy(tiny_llama, tiny_tokenizer):
+    """The text format has no expected answers: ``peftkit train`` measures loss and perplexity on
+    its test split, with a note, instead of failing after training."""
+    from peftkit.tasks.causal_lm import CausalLMTask
+    from peftkit.train.config import EvaluationConfig
+
+    rows = make_rows(tiny_tokenizer)
+    for row in rows:
+        row.answer = None
+    task = CausalLMTask()
+    out = task.evaluate(tiny_llama, tiny_tokenizer, rows, eval_cfg=EvaluationConfig(), autocast_dtype=None)
+    expected = evaluate_loss(tiny_llama, rows, batch_size=2, pad_token_id=tiny_tokenizer.pad_token_id)
+    assert out["loss"] == pytest.approx(expected["loss"]) and out["tokens"] == expected["tokens"]
+    assert out["n"] == len(rows) and out["samples"] == [] and "accuracy" not in out
+    note = "accuracy by generation skipped: the held-out rows have no expected answers"
+    assert task.metric_lines(out)[0].startswith("loss ") and task.metric_lines(out)[-1].startswith(note)
+    report = task.report_lines({"before": out, "after": out})
+    assert report[0].startswith("held-out loss before: ") and report[1].startswith("held-out loss after:  ")
+    assert len(report) == 3 and report[2].startswith(
+        note
+    )  # the note once, no empty "sample predictions" header
+
+
 class Wrapper(torch.nn.Module):
     """An adapter-style wrapper with explicit delegation of forward and generate."""
 

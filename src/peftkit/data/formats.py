@@ -150,12 +150,16 @@ def _format(template: str | None, row: dict[str, Any], name: str) -> str | None:
         raise RowError(f"data.{name} cannot be filled from this row ({err})") from None
 
 
+def _where(name: str, column: str) -> str:
+    return f"field '{name}'" + (f" (column '{column}')" if column != name else "")
+
+
 def _text(row: dict[str, Any], name: str, cfg: DataConfig) -> str:
-    """The string in the row's column for field ``name`` (numbers are accepted and printed)."""
+    """The string in the row's column for field ``name`` (numbers are accepted and printed;
+    missing, null or another type is an error)."""
     value = _optional_text(row, name, cfg)
     if value is None:
-        column = cfg.columns.get(name, name)
-        _missing(row, f"field '{name}'" + (f" (column '{column}')" if column != name else ""))
+        _missing(row, name, cfg.columns.get(name, name))
     return value
 
 
@@ -164,18 +168,25 @@ def _optional_text(row: dict[str, Any], name: str, cfg: DataConfig) -> str | Non
     value = row.get(column)
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    where = f"field '{name}'" + (f" (column '{column}')" if column != name else "")
-    raise RowError(f"{where} must be a string, got {type(value).__name__} {value!r:.60}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # numeric answers (e.g. GSM8K-style) are common: printed
+    raise RowError(f"{_where(name, column)} must be a string, got {type(value).__name__} {value!r:.60}")
 
 
-def _missing(row: dict[str, Any], where: str) -> NoReturn:
+def _missing(row: dict[str, Any], name: str, column: str) -> NoReturn:
+    """Raise for a required field the row lacks, or has as null (``None``)."""
+    if column in row:
+        raise RowError(f"{_where(name, column)} is null; give it a value, or fix the row")
     present = ", ".join(sorted(map(str, row))) or "none"
     raise RowError(
-        f"missing {where}; the row has: {present}. Map your column with data.columns, or fix the row"
+        f"missing {_where(name, column)}; the row has: {present}. Map your column with data.columns, "
+        "or fix the row"
     )
 
+
+ROLES = ("system", "user", "assistant", "tool", "developer", "ipython")
+"""The message roles a conversation may use: those common HF chat templates render (tool /
+ipython: a tool's result; developer: OpenAI-style system turns). Anything else is a typo."""
 
 _SHAREGPT_ROLES = {
     "human": "user",
@@ -183,6 +194,7 @@ _SHAREGPT_ROLES = {
     "system": "system",
     "user": "user",
     "assistant": "assistant",
+    "tool": "tool",
 }
 
 
@@ -191,7 +203,7 @@ def _messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
     column = cfg.columns.get("messages", "messages")
     value = row.get(column)
     if value is None:
-        _missing(row, f"field 'messages' (column '{column}')" if column != "messages" else "field 'messages'")
+        _missing(row, "messages", column)
     if not isinstance(value, list) or not value:
         raise RowError(
             f"'{column}' must be a non-empty list of {{role, content}} messages, got {value!r:.60}"
@@ -214,6 +226,11 @@ def _message(message: Any, index: int) -> dict[str, str]:
         raise RowError(f"message {index} has no 'role' (keys: {', '.join(sorted(map(str, message)))})")
     if not isinstance(role, str) or not role:
         raise RowError(f"message {index}: role must be a non-empty string, got {role!r}")
+    if role not in ROLES:
+        sharegpt = "" if "role" in message else f"; ShareGPT 'from': {', '.join(_SHAREGPT_ROLES)}"
+        raise RowError(
+            f"unknown role {role!r} in message {index} (expected one of: {', '.join(ROLES)}{sharegpt})"
+        )
     if isinstance(content, list):  # OpenAI content parts: keep the text parts
         parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
         if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):

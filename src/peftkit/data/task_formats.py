@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from peftkit.data.config import DataConfig
-from peftkit.data.formats import RowError, _optional_text, _text
+from peftkit.data.formats import RowError, _missing, _optional_text, _text
 
 
 def _label(row: dict[str, Any], name: str, cfg: DataConfig) -> str:
@@ -45,7 +45,7 @@ def _string_list(row: dict[str, Any], name: str, cfg: DataConfig) -> list[str]:
     column = cfg.columns.get(name, name)
     value = row.get(column)
     if value is None:
-        raise RowError(f"missing field '{name}'" + (f" (column '{column}')" if column != name else ""))
+        _missing(row, name, column)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise RowError(f"field '{name}' must be a list of strings, got {value!r:.60}")
     return value

@@ -87,8 +87,17 @@ class CausalLMTask(Task):
         autocast_dtype: torch.dtype | None,
         batch_size: int | None = None,
     ) -> dict[str, Any]:
-        from peftkit.evaluation import evaluate_generation
+        from peftkit.evaluation import evaluate_generation, evaluate_loss
 
+        if all(e.answer is None for e in examples):  # e.g. the text format: nothing to compare with
+            out = evaluate_loss(
+                model,
+                examples,
+                batch_size=batch_size or eval_cfg.batch_size,
+                pad_token_id=tokenizer.pad_token_id,
+                autocast_dtype=autocast_dtype,
+            )
+            return {**out, "n": len(examples), "samples": [], "note": NO_ANSWERS}
         out = evaluate_generation(
             model,
             tokenizer,
@@ -143,19 +152,34 @@ class CausalLMTask(Task):
             n = metrics.get("accuracy_n", metrics.get("n"))
             lines.append(f"accuracy {metrics['accuracy']:.3f} on {n} examples")
             lines += [f"  {s['prediction']!r} (expected {s['answer']!r})" for s in metrics.get("samples", [])]
+        if "note" in metrics:
+            lines.append(metrics["note"])
         return lines
 
     def report_lines(self, results: dict[str, Any]) -> list[str]:
         lines = []
         before, after = results.get("before"), results.get("after")
-        if before:
-            lines.append(f"held-out accuracy before: {before['accuracy']:.3f}  (n={before['n']})")
-        if after:
-            lines.append(f"held-out accuracy after:  {after['accuracy']:.3f}  (n={after['n']})")
+        for when, out in (("before:", before), ("after: ", after)):  # aligned
+            if not out:
+                continue
+            if "accuracy" in out:
+                lines.append(f"held-out accuracy {when} {out['accuracy']:.3f}  (n={out['n']})")
+            else:  # no expected answers (see NO_ANSWERS)
+                lines.append(
+                    f"held-out loss {when} {out['loss']:.4f}  perplexity {out['perplexity']:.3f}  (n={out['n']})"
+                )
+        if after and after["samples"]:
             lines.append("sample predictions (prediction -> expected):")
             lines += ["  " + _format_sample(sample) for sample in after["samples"]]
-        return lines
+        notes = [out["note"] for out in (before, after) if out and "note" in out]
+        return lines + notes[:1]
 
+
+NO_ANSWERS = (
+    "accuracy by generation skipped: the held-out rows have no expected answers (text format), so "
+    "only loss and perplexity are measured"
+)
+"""Why a held-out split of rows without answers gets loss / perplexity but no accuracy."""
 
 _SPECIAL_TOKEN = re.compile(r"<\|[^|<>]{1,40}\|>|<s>|</s>")
 
