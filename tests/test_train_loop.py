@@ -262,3 +262,32 @@ def test_precision_where_bf16_is_not_native(monkeypatch, capsys):
         resolve_autocast("bf16", torch.device("cuda"))
     monkeypatch.setattr(peftkit.models, "bf16_supported", lambda device: True)
     assert resolve_autocast("auto", cpu) is torch.bfloat16 and resolve_autocast("fp32", cpu) is None
+
+
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        (None, "no training data: set data.train"),
+        ("missing.jsonl", "missing.jsonl does not exist"),
+        ("notes.txt", "unsupported file type '.txt'"),
+        ("builtin:tweet-sentimnt", "unknown built-in data set"),
+    ],
+)
+def test_data_problems_are_reported_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch, train, message):
+    import peftkit.cli.main as cli_main
+    import peftkit.models
+    from peftkit.errors import DataError
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(peftkit.models, "load_model_and_tokenizer", forbidden)
+    monkeypatch.setattr(peftkit.models, "load_model", forbidden, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    config = {"base_model": str(tiny_model_dir), "data": {"train": train}, "output_dir": str(tmp_path / "out")}
+    with pytest.raises(DataError, match=message):
+        run_training(build_job_config(config), progress=False)
+    (tmp_path / "eval.yaml").write_text(json.dumps({**config, "data": {"test": train}}))
+    if train is not None:  # eval too: the split it reads is checked before the model loads
+        assert cli_main.main(["eval", str(tmp_path / "eval.yaml"), "--no-adapter"]) == 2

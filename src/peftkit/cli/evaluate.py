@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from peftkit.cli._model_args import load_model_from_args
-    from peftkit.data import count_rows, load_split
+    from peftkit.data import check_sources, count_rows, load_split
     from peftkit.io import write_json
     from peftkit.models import bf16_supported
     from peftkit.tasks import get_task, load_task
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     args.trust_remote_code = args.trust_remote_code or job.trust_remote_code
 
     task = load_task(args.adapter, default=job.task) if args.adapter else get_task(job.task)
+    check_sources(data_cfg, (split,), task=task)  # before the model loads
     if task.labels is None:
         task.prepare(job.data)  # a classifier's label names: read from the training data as training did
     # the base with the task's head (sized by its labels), the adapter applied, on --device

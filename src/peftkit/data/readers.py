@@ -43,9 +43,14 @@ def read_rows(rows: list[Any], name: str) -> Iterator[Record]:
 
 def read_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str = "strict") -> Iterator[Record]:
     """Rows of a data file, chosen by extension (see :data:`READERS`)."""
+    path = check_data_file(path)
+    return READERS[_extension(path)](path, encoding, errors)
+
+
+def check_data_file(path: str | Path) -> Path:
+    """``path``, if it is a file of a type peftkit reads; otherwise a DataError saying what to change."""
     path = Path(path)
-    reader = READERS.get(_extension(path))
-    if reader is None:
+    if _extension(path) not in READERS:
         supported = ", ".join(sorted(READERS))
         raise DataError(
             f"{path}: unsupported file type {_extension(path) or '(none)'!r}; supported: {supported}"
@@ -53,7 +58,7 @@ def read_file(path: str | os.PathLike, encoding: str = "utf-8", errors: str = "s
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise DataError(f"data file {path} {what} (resolved from {Path.cwd()}); check the path in the config")
-    return reader(path, encoding, errors)
+    return path
 
 
 def _extension(path: Path) -> str:

@@ -25,7 +25,7 @@ from peftkit.data.chat import has_chat_template
 from peftkit.data.config import DataConfig
 from peftkit.data.encode import Encoder, Example
 from peftkit.data.formats import LM_FORMATS, RowError, Sample, check_templates, detect_format, to_sample
-from peftkit.data.readers import Record, read_file, read_rows
+from peftkit.data.readers import Record, check_data_file, read_file, read_rows
 from peftkit.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -264,6 +264,24 @@ def build_datasets(
             if 0 < len(counts) <= 20:
                 report.answers[split] = dict(counts)
     return DataSplits(out["train"], out["validation"], out["test"], report)
+
+
+def check_sources(cfg: DataConfig, required: tuple[str, ...] = ("train",), *, task: Any = None) -> None:
+    """Fail fast, before a model loads: the ``required`` splits are configured, built-in names
+    are known, and every data file named exists and has a type peftkit reads."""
+    cfg = apply_builtin_defaults(cfg, _task_type(task))  # an unknown builtin:NAME raises here
+    for split in required:
+        if split == "train" and cfg.train is None:
+            raise DataError("no training data: set data.train to a file or builtin:NAME")
+        if split == "test" and cfg.test is None and cfg.test_size is None:
+            raise DataError(
+                "no test split configured: set data.test (a file) or data.test_size (carved from train)"
+            )
+        if split == "validation" and cfg.validation is None and cfg.val_size is None:
+            raise DataError("no validation split configured: set data.validation or data.val_size")
+    for source in (cfg.train, cfg.validation, cfg.test):
+        if isinstance(source, str) and not is_builtin(source):
+            check_data_file(source)
 
 
 def load_split(

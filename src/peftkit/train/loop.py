@@ -141,11 +141,12 @@ def recorded_base(base_model: str) -> str:
 
 def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False) -> TrainSession:
     from peftkit import get_peft_model
-    from peftkit.data import build_datasets
+    from peftkit.data import build_datasets, check_sources
     from peftkit.models import load_model_and_tokenizer, resolve_device
 
     t = job.training
     check_tokens_for_method(job.tokens, job.method, job.method_config)
+    check_sources(job.data, ("train",), task=get_task(job.task))  # before any model loads
     world = World.from_environment()  # torchrun's processes, or rank 0 of 1
     if t.compile and world.distributed:
         raise PeftkitError(
