@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,19 @@ def test_unknown_adapter_names_are_listed_with_file_and_line(peftkit_cli, capsys
     assert f"{file}:4: unknown adapter 'x'" in err and "loaded adapters: lora_a, lora_b, __base__" in err
     err = _error(peftkit_cli, capsys, [*argv, "--prompt", "a", "--use-adapter", "nope"])
     assert "--use-adapter: unknown adapter 'nope'" in err
+
+
+def test_a_run_directory_or_a_truncated_adapter_is_a_clean_error(peftkit_cli, capsys, adapters, tmp_path):
+    run_dir = str(Path(adapters["ia3_b"]).parent)  # OUTPUT_DIR of OUTPUT_DIR/adapter
+    err = _error(peftkit_cli, capsys, ["--adapter", run_dir, "--prompt", "a"])
+    assert f"did you mean {adapters['ia3_b']}?" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["lora_a"], broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+    err = _error(peftkit_cli, capsys, ["--adapter", str(broken), "--prompt", "a"])
+    assert f"{weights} is not a readable safetensors file (incomplete metadata" in err
+    assert "truncated or still being copied" in err
 
 
 def test_adapters_must_share_base_method_and_unique_names(

@@ -109,6 +109,79 @@ def test_cli_merge_refuses_methods_that_cannot_merge(tiny_model_dir, tmp_path, c
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("merged")]  # no temporaries left
 
 
+def _tree(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_merge_never_writes_over_its_input(lora_adapter, tmp_path, capsys):
+    """OUT_DIR that is, holds or lies inside ADAPTER_DIR (by real path) is refused, even with --overwrite."""
+    import shutil
+
+    run = tmp_path / "run"  # a `peftkit train` output_dir: OUTPUT_DIR/adapter + run files
+    shutil.copytree(lora_adapter[0], run / "adapter")
+    (run / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "link").symlink_to(run / "adapter")
+    before = _tree(run)
+    adapter = str(run / "adapter")
+    for out, where in [
+        (run, "contains"),
+        (run / "adapter", "is"),
+        (tmp_path / "link", "is"),
+        (run / "adapter" / "merged", "is inside"),
+    ]:
+        assert main(["merge", adapter, str(out), "--overwrite"]) == 2
+        assert f"{where} the input adapter directory {adapter}" in capsys.readouterr().err
+    assert _tree(run) == before
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "metrics.jsonl"]  # no temporaries
+
+
+def test_cli_merge_of_a_run_directory_or_a_truncated_adapter(lora_adapter, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_adapter[0], run / "adapter")
+    assert main(["merge", str(run), str(tmp_path / "out")]) == 2
+    assert f"did you mean {run / 'adapter'}?" in capsys.readouterr().err
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+    assert main(["merge", str(run / "adapter"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights} is not a readable safetensors file (incomplete metadata" in err
+    assert "truncated or still being copied" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_adapter_weights_names_an_unreadable_file(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.auto import saved_num_labels
+    from peftkit.errors import ModelLoadError
+    from peftkit.serialization import load_adapter_weights
+
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"not a readable safetensors file \(header too small\)"):
+        load_adapter_weights(tmp_path)
+    # a classifier's head size is read from the file before the weights are loaded
+    with pytest.raises(ModelLoadError, match=r"not a readable safetensors file"):
+        saved_num_labels(tmp_path, tmp_path, AutoModelForSequenceClassification)
+
+
+def test_cli_merge_keeps_a_classifiers_label_names(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    model = peftkit.get_peft_model(
+        base, peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "adapter" / "peftkit_task.json").write_text(
+        json.dumps({"task_type": "SEQ_CLS", "labels": ["neg", "pos"]})
+    )
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    config = AutoConfig.from_pretrained(tmp_path / "merged")
+    assert config.id2label == {0: "neg", 1: "pos"} and config.label2id == {"neg": 0, "pos": 1}
+
+
 # -- AutoPeftModel ----------------------------------------------------------------------------
 
 

@@ -142,6 +142,8 @@ def test_svd_of_one_full_rank_combination_is_exact():
         (dict(combination_type="ties"), "needs density"),
         (dict(combination_type="ties", density=0.5, majority_sign_method="max"), "majority_sign_method"),
         (dict(adapter_name="p"), "already exists"),
+        (dict(svd_rank=17), r"svd_rank=17 is more than .* 16 x 32 update has; use svd_rank <= 16"),
+        (dict(svd_rank=-1), "svd_rank must be a positive number"),
     ],
 )
 def test_errors(kwargs, match):
@@ -231,6 +233,38 @@ def test_cli_combine_errors(tiny_model_dir, tmp_path, capsys):
         == 2
     )
     assert "only LoRA adapters" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_combine_output_directory(tiny_model_dir, tmp_path, capsys):
+    a = _save_adapter(tiny_model_dir, tmp_path / "p", "p", 1)
+    b = _save_adapter(tiny_model_dir, tmp_path / "s", "s", 2)
+    argv = ["combine", str(a), str(b), "--weights", "0.5", "0.5", "--svd-rank", "4"]
+    before = (a / "adapter_model.safetensors").read_bytes()
+    for out in (a, tmp_path, a / "sub"):  # is, holds, is inside an input: refused even with --overwrite
+        assert main([*argv, "--out", str(out), "--overwrite"]) == 2
+        assert f"the input adapter directory {a}" in capsys.readouterr().err
+    assert (a / "adapter_model.safetensors").read_bytes() == before and not (a / "sub").exists()
+
+    out = tmp_path / "mix"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("mix.")]  # no temporaries left
+
+
+def test_cli_combine_svd_rank_bounds(tiny_model_dir, tmp_path, capsys):
+    a = _save_adapter(tiny_model_dir, tmp_path / "p", "p", 1)
+    argv = ["combine", str(a), str(a), "--weights", "0.5", "0.5", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--svd-rank", "0"])
+    assert exit_info.value.code == 2 and "--svd-rank: must be at least 1" in capsys.readouterr().err
+    assert main([*argv, "--svd-rank", "100"]) == 2
+    assert "use svd_rank <= 16" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -191,16 +191,19 @@ def saved_num_labels(
     """
     import torch
     import transformers
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from peftkit.models import resolve_model_dir
-    from peftkit.serialization import WEIGHTS_NAME
+    from peftkit.serialization import WEIGHTS_NAME, unreadable_safetensors
 
     weights = Path(adapter_dir) / WEIGHTS_NAME
     if not weights.is_file():
         return None  # load_adapter_weights reports it
-    with safe_open(str(weights), framework="pt") as file:
-        shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    try:
+        with safe_open(str(weights), framework="pt") as file:
+            shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    except SafetensorError as err:
+        raise unreadable_safetensors(weights, err) from err
     model_config = transformers.AutoConfig.from_pretrained(
         resolve_model_dir(base), trust_remote_code=trust_remote_code
     )

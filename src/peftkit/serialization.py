@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -164,12 +165,24 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) 
         handle.write(safetensors_bytes(out, metadata={"format": "pt"}))
 
 
+def unreadable_safetensors(path: str | os.PathLike, err: Exception) -> ModelLoadError:
+    """The error for a safetensors file that cannot be parsed (typically cut short by a copy)."""
+    detail = str(err).removeprefix("Error while deserializing header: ")
+    return ModelLoadError(
+        f"{path} is not a readable safetensors file ({detail}): the file may be truncated or still "
+        "being copied"
+    )
+
+
 def load_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read ``adapter_model.safetensors`` from ``directory``; refuse pickle-only adapters."""
     directory = Path(directory)
     path = directory / WEIGHTS_NAME
     if path.is_file():
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise unreadable_safetensors(path, err) from err
     pickles = [name for name in PICKLE_WEIGHTS_NAMES if (directory / name).exists()]
     if pickles:
         raise ModelLoadError(

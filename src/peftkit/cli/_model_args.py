@@ -127,9 +127,15 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     """The ``adapter_config.json`` of an adapter directory, as a dict."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
+        nested = Path(adapter_dir) / "adapter"
+        if (nested / ADAPTER_CONFIG).is_file():  # a `peftkit train` output_dir: its adapter is inside
+            raise ModelLoadError(
+                f"{adapter_dir} has no {ADAPTER_CONFIG}; did you mean {nested}? "
+                "(`peftkit train` saves the adapter in OUTPUT_DIR/adapter)"
+            )
         raise ModelLoadError(
             f"{adapter_dir} has no {ADAPTER_CONFIG}; pass the directory an adapter was saved to "
-            "(the output_dir of `peftkit train`)"
+            "(OUTPUT_DIR/adapter for a `peftkit train` run)"
         )
     try:
         config = json.loads(path.read_text())
@@ -138,6 +144,30 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path} must hold a JSON object")
     return config
+
+
+def check_out_dir(out: Path, adapter_dirs: list[str], *, overwrite: bool, name: str = "OUT_DIR") -> None:
+    """Refuse an output directory that is, holds or lies inside an input adapter directory (writing
+    it would destroy the input), and a non-empty one unless ``overwrite``. Nothing is touched."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{name} {out} exists and is not a directory", "command line")
+    real_out = out.resolve()
+    for directory in adapter_dirs:
+        real = Path(directory).expanduser().resolve()
+        if not real.exists():
+            continue  # a hub id or a missing directory: reported when it is loaded
+        if real == real_out or real_out in real.parents or real in real_out.parents:
+            where = "is" if real == real_out else "contains" if real_out in real.parents else "is inside"
+            raise ConfigError(
+                f"{name} {out} {where} the input adapter directory {directory}; writing there would destroy "
+                "the input, so choose another directory",
+                "command line",
+            )
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"{name} {out} is not empty; pass --overwrite to replace it, or choose another directory",
+            "command line",
+        )
 
 
 def adapter_base_model(adapter_dir: str | Path) -> str:

@@ -3,8 +3,9 @@
     ADAPTER_DIR ... ─► base model (from the first adapter's adapter_config.json)
                    ─► load each adapter ─► add_weighted_adapter(--weights, --type) ─► --out
 
-The combined adapter is written as the "default" adapter of ``--out`` (replacing the directory
-atomically), so ``PeftModel.from_pretrained(base, OUT)`` -- in peftkit or PEFT -- loads it.
+The combined adapter is written as the "default" adapter of ``--out``, atomically, so
+``PeftModel.from_pretrained(base, OUT)`` -- in peftkit or PEFT -- loads it. A non-empty ``--out``
+is replaced only with ``--overwrite``, and never when it is, holds or lies inside an input adapter.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from peftkit.cli._model_args import ADAPTER_CONFIG, adapter_base_model
+from peftkit.cli._model_args import ADAPTER_CONFIG, adapter_base_model, check_out_dir
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora.weighted import COMBINATION_TYPES
 
@@ -32,7 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="svd",
         help="how to combine (default: svd); cat and svd are exact up to --svd-rank, linear is rough",
     )
-    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="directory for the new adapter")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT_DIR",
+        help="directory for the new adapter; a non-empty one is replaced only with --overwrite",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty OUT_DIR (never one that is, holds or is inside an ADAPTER_DIR)",
+    )
     parser.add_argument(
         "--density",
         type=float,
@@ -40,7 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of values kept by ties / dare_* / magnitude_prune*",
     )
     parser.add_argument(
-        "--svd-rank", type=int, metavar="N", help="rank of *svd results (default: largest rank)"
+        "--svd-rank",
+        type=_positive_int,
+        metavar="N",
+        help="rank of *svd results, at most the smallest dimension of an adapted layer "
+        "(default: the adapters' largest rank)",
     )
     parser.add_argument(
         "--majority-sign-method", choices=("total", "frequency"), default="total", help="for ties / dare_ties"
@@ -48,6 +63,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow the model repository's own Python code to run"
     )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _check_adapters(dirs: list[str], weights: list[float]) -> str:
@@ -74,8 +99,11 @@ def _check_adapters(dirs: list[str], weights: list[float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from peftkit import PeftModel
+    from peftkit.io import atomic_dir
     from peftkit.models import load_model_and_tokenizer
 
+    out = Path(args.out)
+    check_out_dir(out, args.adapters, overwrite=args.overwrite)
     base = _check_adapters(args.adapters, args.weights)
     model, _ = load_model_and_tokenizer(base, trust_remote_code=args.trust_remote_code)
     names = [f"source_{i}" for i in range(len(args.adapters))]
@@ -91,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         density=args.density,
         majority_sign_method=args.majority_sign_method,
     )
-    peft_model.save_pretrained(args.out, selected_adapters=["default"])
+    with atomic_dir(out, overwrite=True) as tmp:  # checked above: new, empty or --overwrite
+        peft_model.save_pretrained(tmp, selected_adapters=["default"])
     config = peft_model.peft_config["default"]
     print(f"wrote {args.combination_type} combination (r={config.r}) of {len(names)} adapters to {args.out}")
     return 0

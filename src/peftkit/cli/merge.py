@@ -13,9 +13,11 @@ directory is written atomically: a failed or interrupted merge leaves no partial
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
-from peftkit.configuration import ConfigError
+from peftkit.cli._model_args import check_out_dir
 
 HELP = "Merge an adapter into its base model and save a standalone transformers model directory."
 
@@ -41,7 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="check every merged weight is finite before writing any (default: on)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty OUT_DIR (never one that is, holds or is inside ADAPTER_DIR)",
+    )
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -51,13 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"OUT_DIR {out} exists and is not a directory", "command line")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(
-            f"OUT_DIR {out} is not empty; pass --overwrite to replace it, or choose another directory",
-            "command line",
-        )
+    check_out_dir(out, [args.adapter_dir], overwrite=args.overwrite)
     merge_adapter(
         args.adapter_dir,
         out,
@@ -83,14 +83,27 @@ def merge_adapter(
     from peftkit.auto import load_adapter_with_base
     from peftkit.io import atomic_dir
     from peftkit.models import parse_dtype
+    from peftkit.serialization import resolve_adapter_dir
 
     peft_model, tokenizer = load_adapter_with_base(
         adapter_dir, base_model=base_model, task=None, dtype="float32", trust_remote_code=trust_remote_code
     )
     model = peft_model.merge_and_unload(safe_merge=safe_merge)
+    _set_label_names(model.config, resolve_adapter_dir(adapter_dir))
     model.to(parse_dtype(dtype))
     model.config.dtype = parse_dtype(dtype)
     with atomic_dir(out_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+
+
+def _set_label_names(config: Any, adapter_dir: Path) -> None:
+    """Name a classifier's labels as training did (its TASK_FILE), not transformers' LABEL_0, ..."""
+    from peftkit.tasks import TASK_FILE
+
+    path = adapter_dir / TASK_FILE
+    labels = json.loads(path.read_text()).get("labels") if path.is_file() else None
+    if labels and len(labels) == config.num_labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}

@@ -125,7 +125,10 @@ def check_weighted_adapter(
     elif combination_type == "cat":
         new_rank = sum(ranks)
     else:
+        if svd_rank is not None and svd_rank < 0:
+            raise WeightedAdapterError(f"svd_rank must be a positive number, got {svd_rank}")
         new_rank = svd_rank or max(ranks)
+        _check_svd_rank(model, adapters, new_rank, svd_rank is not None)
 
     kind = combination_type.removesuffix("_svd")
     if MERGES.get(kind, (None, False))[1]:
@@ -151,6 +154,29 @@ def check_weighted_adapter(
     else:
         new_targets = list(dict.fromkeys(name for t in targets for name in t))  # ordered union
     return combination_type, new_rank, new_targets
+
+
+def _check_svd_rank(model: LoraModel, adapters: list[str], rank: int, asked: bool) -> None:
+    """An SVD of a layer's (out, in) update has at most min(out, in) components: refuse more
+    (PEFT builds mismatched A and B factors or fails with a reshape error)."""
+    smallest = None
+    for name, layer in model.model.named_modules():
+        if not isinstance(layer, LoraLayerBase):
+            continue
+        for adapter in adapters:
+            if (factors := _factors(layer, adapter)) is not None:
+                lora_a, lora_b = factors
+                dims = (lora_b.shape[0], lora_a.flatten(1).shape[1])
+                if smallest is None or min(dims) < min(smallest[1]):
+                    smallest = (name, dims)
+                break
+    if smallest is not None and rank > min(smallest[1]):
+        name, (out, inp) = smallest
+        what = f"svd_rank={rank}" if asked else f"the default svd_rank (the largest adapter rank, {rank})"
+        raise WeightedAdapterError(
+            f"{what} is more than the SVD of layer {name}'s {out} x {inp} update has; "
+            f"use svd_rank <= {min(out, inp)}"
+        )
 
 
 def add_weighted_adapter(
