@@ -273,7 +273,9 @@ def test_precision_where_bf16_is_not_native(monkeypatch, capsys):
         ("builtin:tweet-sentimnt", "unknown built-in data set"),
     ],
 )
-def test_data_problems_are_reported_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch, train, message):
+def test_data_problems_are_reported_before_the_model_loads(
+    tiny_model_dir, tmp_path, monkeypatch, train, message
+):
     import peftkit.cli.main as cli_main
     import peftkit.models
     from peftkit.errors import DataError
@@ -285,7 +287,11 @@ def test_data_problems_are_reported_before_the_model_loads(tiny_model_dir, tmp_p
     monkeypatch.setattr(peftkit.models, "load_model", forbidden, raising=False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("x")
-    config = {"base_model": str(tiny_model_dir), "data": {"train": train}, "output_dir": str(tmp_path / "out")}
+    config = {
+        "base_model": str(tiny_model_dir),
+        "data": {"train": train},
+        "output_dir": str(tmp_path / "out"),
+    }
     with pytest.raises(DataError, match=message):
         run_training(build_job_config(config), progress=False)
     (tmp_path / "eval.yaml").write_text(json.dumps({**config, "data": {"test": train}}))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from enum import Enum
@@ -78,6 +80,9 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if len(args) == 2 and type(None) in args:  # Optional[X]: X's own, more precise problems
             (arg,) = (a for a in args if a is not type(None))
             return _convert(value, arg, where, problems)
+        if float in args and str not in args and isinstance(value, (float, str)):
+            # int | float: report a float's own, precise problems ("nan", "ten")
+            return _convert(value, float, where, problems)
         for arg in args:
             if arg is type(None):
                 continue
@@ -122,11 +127,14 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # YAML reads "1e-4" as a string; accept numeric strings for floats.
             try:
-                return float(value)
+                value = float(value)
             except (TypeError, ValueError):
                 problems.append(f"'{where}' must be a number, got {value!r}")
                 return value
-        return float(value)
+        value = float(value)
+        if not math.isfinite(value):  # YAML reads .nan and .inf as floats; no setting means them
+            problems.append(f"'{where}' must be a finite number, got {value}: nan and inf are not allowed")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"'{where}' must be an integer, got {value!r}")
@@ -163,8 +171,23 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, problems: list[str])
         return None  # type: ignore[return-value]
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        problems.extend(f"{prefix}{p}" if prefix and not p.startswith("'") else p for p in validate())
+        problems.extend(_with_prefix(p, prefix, fields) for p in validate())
     return obj
+
+
+def _with_prefix(problem: str, prefix: str, fields: typing.Iterable[str]) -> str:
+    """A section's ``validate()`` message, made to say which section it is about.
+
+    ``r must be ...`` becomes ``lora.r must be ...``; a message that already names its full key
+    (``'training.x' ...``) is kept; any other (``set either ...``, ``'val_size' ...``) is put
+    after the section's name: ``data: set either ...``.
+    """
+    if not prefix or problem.startswith(f"'{prefix}"):
+        return problem
+    first = re.match(r"[A-Za-z_][A-Za-z0-9_]*", problem)
+    if first and first[0] in fields:
+        return f"{prefix}{problem}"
+    return f"{prefix.rstrip('.')}: {problem}"
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "", source: str | None = None) -> T:

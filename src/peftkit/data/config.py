@@ -299,7 +299,8 @@ def _check_size(name: str, value: int | float | None) -> list[str]:
     if isinstance(value, float) and not 0.0 < value < 1.0:
         return [f"'{name}' as a fraction must be in (0, 1), got {value}; write a row count as an integer"]
     if isinstance(value, int) and value < 1:
-        return [f"'{name}' as a row count must be at least 1, got {value}"]
+        split = "validation" if name == "val_size" else "test"
+        return [f"'{name}' as a row count must be at least 1, got {value}; use null for no {split} split"]
     return []
 
 

@@ -306,6 +306,11 @@ class TargetingConfig(PeftConfig):
             problems.append("layers_pattern only works with a list target_modules, not a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             problems.append("layers_pattern is set but layers_to_transform is not: set both or neither")
+        layers = self.layers_to_transform
+        if any(isinstance(i, int) and i < 0 for i in (layers if isinstance(layers, list) else [layers])):
+            problems.append(
+                f"layers_to_transform must hold layer indices counted from 0 (no negative ones), got {layers!r}"
+            )
         if isinstance(self.target_modules, list) and not self.target_modules:
             problems.append(
                 "target_modules is an empty list: name at least one module, or use null for the default"

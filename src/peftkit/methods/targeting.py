@@ -18,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
 
+from peftkit.configuration import closest
 from peftkit.errors import TargetModulesError
 from peftkit.methods.base import AdapterModule, TargetingConfig, TaskType
 
@@ -47,17 +49,105 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def _layer_match(name: str, layers_pattern: list[str] | str | None) -> re.Match[str] | None:
+    if not layers_pattern:
+        return re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        if match is not None:
+            return match
+    return None
+
+
 def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
     """The layer number in a module name, as PEFT parses it (the first numbered segment)."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        match = None
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-            if match is not None:
-                break
+    match = _layer_match(name, layers_pattern)
     return int(match["idx"]) if match else None
+
+
+def _layer_lists(model: nn.Module, layers_pattern: list[str] | str | None) -> dict[str, set[int]]:
+    """The numbered layers that ``layer_index`` finds in ``model``: {module list name: indices}."""
+    found: dict[str, set[int]] = {}
+    for name, _ in iter_modules_outside_adapters(model):
+        match = _layer_match(f"{name}.", layers_pattern)
+        if match is not None:
+            found.setdefault(name[: match.start("idx") - 1], set()).add(int(match["idx"]))
+    return found
+
+
+def _ranges(indices: Iterable[int]) -> str:
+    """``{0, 1, 2, 5}`` -> ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def check_layers_to_transform(model: nn.Module, config: TargetingConfig) -> None:
+    """Refuse a ``layers_to_transform`` that selects no layer of ``model``; warn about indices it lacks.
+
+    PEFT silently adapts nothing (or fewer layers) for such indices; the message gives the range.
+    """
+    layers = config.layers_to_transform
+    if layers is None or layers == []:
+        return
+    wanted = [layers] if isinstance(layers, int) else list(layers)
+    found = _layer_lists(model, config.layers_pattern)
+    if not found:
+        lists = ", ".join(_layer_lists(model, None)) or "none"
+        raise TargetModulesError(
+            f"layers_pattern={config.layers_pattern!r} names no numbered module list of "
+            f"{type(model).__name__} (numbered module lists: {lists}): set layers_pattern to the last part "
+            "of one of these names, or null"
+        )
+    have = set().union(*found.values())
+    where = f"the model has layers {_ranges(have)} (under {', '.join(found)})"
+    missing = [i for i in wanted if i not in have]
+    if len(missing) == len(wanted):
+        raise TargetModulesError(
+            f"layers_to_transform {layers!r} selects no layer: {where}; use indices in that range"
+        )
+    if missing:
+        what = f"index {missing[0]} names" if len(missing) == 1 else f"indices {missing} name"
+        warnings.warn(f"layers_to_transform: {what} no layer (ignored); {where}", stacklevel=3)
+
+
+def _matches_entry(name: str, entry: str) -> bool:
+    return name == entry or name.endswith(f".{entry}")
+
+
+def warn_unmatched_entries(
+    model: nn.Module, config: TargetingConfig, is_supported: Callable[[nn.Module], bool], method: str
+) -> None:
+    """Warn about list entries of target_modules / exclude_modules that name no module (typos).
+
+    PEFT ignores them silently. When no target entry matches, ``inject_adapter``'s error says it.
+    """
+    names = [name for name, _ in iter_modules_outside_adapters(model)]
+    for key in ("target_modules", "exclude_modules"):
+        entries = getattr(config, key)
+        if not isinstance(entries, list):
+            continue
+        unmatched = [e for e in entries if not any(_matches_entry(n, e) for n in names)]
+        if not unmatched or (key == "target_modules" and len(unmatched) == len(entries)):
+            continue
+        targetable = targetable_modules(model, is_supported)
+        described = []
+        for entry in unmatched:
+            depth = entry.count(".") + 1  # compare with names of as many parts: "self_attn.q_proj"
+            candidates = dict.fromkeys(".".join(n.split(".")[-depth:]) for n in targetable)
+            near = closest(entry, candidates, n=1)
+            described.append(f"{entry!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        what = "entry" if len(unmatched) == 1 else "entries"
+        warnings.warn(
+            f"{key} {what} {', '.join(described)} matched no module of {type(model).__name__} and "
+            f"{'is' if len(unmatched) == 1 else 'are'} ignored. "
+            + _what_to_write(model, is_supported, method),
+            stacklevel=3,
+        )
 
 
 def _names_match(spec: list[str] | str, name: str) -> bool:
@@ -170,7 +260,12 @@ def resolve_target_modules(
     is_supported: Callable[[nn.Module], bool],
     method: str,
 ) -> TargetingConfig:
-    """A copy of ``config`` whose ``target_modules`` is concrete (no null, no "all-linear")."""
+    """A copy of ``config`` whose ``target_modules`` is concrete (no null, no "all-linear").
+
+    Refuses layer indices the model lacks and warns about list entries that name no module.
+    """
+    check_layers_to_transform(model, config)
+    warn_unmatched_entries(model, config, is_supported, method)
     targets = config.target_modules
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -183,6 +278,8 @@ def resolve_target_modules(
         targets = list(defaults[model_type])
     elif isinstance(targets, str) and targets.lower() == LINEAR_SHORTHAND:
         targets = _all_linear(model, config)
+        if not targets:
+            raise TargetModulesError(no_match_message(model, config, is_supported, method))
     if isinstance(targets, list) and len(targets) >= MIN_TARGETS_TO_CONDENSE:
         targets = _condense(targets, model)
     return dataclasses.replace(config, target_modules=targets)

@@ -162,8 +162,21 @@ class TrainingConfig:
             problems.append(
                 f"'training.collective_timeout_minutes' must be > 0, got {self.collective_timeout_minutes}"
             )
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            problems.append(
+                f"'training.max_grad_norm' must be > 0, got {self.max_grad_norm}; "
+                "use null to turn gradient clipping off"
+            )
+        if self.weight_decay < 0:
+            problems.append(
+                f"'training.weight_decay' must be >= 0 (0: no weight decay), got {self.weight_decay}"
+            )
+        if self.adam_eps < 0:
+            problems.append(f"'training.adam_eps' must be >= 0, got {self.adam_eps}")
         if len(self.adam_betas) != 2:
             problems.append(f"'training.adam_betas' must have two values, got {self.adam_betas}")
+        elif not all(0 <= beta < 1 for beta in self.adam_betas):
+            problems.append(f"'training.adam_betas' must both be in [0, 1), got {self.adam_betas}")
         return problems
 
 

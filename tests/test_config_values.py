@@ -1,0 +1,153 @@
+"""Values that type-check but mean nothing are refused before any model loads, naming the key;
+target lists that partly miss the model warn (PEFT ignores such entries silently)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from _lora_helpers import lora, wrapped
+from conftest import make_tiny_llama
+from peftkit import LoraConfig, get_peft_model
+from peftkit.configuration import ConfigError
+from peftkit.errors import TargetModulesError
+from peftkit.train.config import apply_overrides, build_job_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _problems(overrides: list[str]) -> str:
+    raw = apply_overrides({"data": {"train": "x.jsonl"}}, overrides)
+    with pytest.raises(ConfigError) as info:
+        build_job_config(raw)
+    return str(info.value)
+
+
+# -- numbers --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "training.learning_rate=.nan",
+        "training.learning_rate=inf",
+        "training.weight_decay=.nan",
+        "training.warmup_ratio=.nan",
+        "training.max_grad_norm=.inf",
+        "training.epochs=.inf",
+        "training.adam_betas=[.nan, 0.999]",
+        "lora.lora_alpha=nan",
+        "lora.lora_alpha=.inf",
+        "lora.lora_dropout=.nan",
+        "lora.alpha_pattern={q_proj: .nan}",
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_key(override):
+    key = override.split("=")[0]
+    message = _problems([override])
+    assert f"'{key}" in message and "must be a finite number" in message
+
+
+def test_a_word_for_a_number_says_number():
+    assert "'lora.lora_alpha' must be a number, got 'ten'" in _problems(["lora.lora_alpha=ten"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_max_grad_norm_must_be_positive_or_null(value):
+    message = _problems([f"training.max_grad_norm={value}"])
+    assert "'training.max_grad_norm' must be > 0" in message and "null" in message
+    job = build_job_config(apply_overrides({"data": {"train": "x.jsonl"}}, ["training.max_grad_norm=null"]))
+    assert job.training.max_grad_norm is None
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("training.weight_decay=-0.1", "'training.weight_decay' must be >= 0"),
+        ("training.adam_eps=-1e-8", "'training.adam_eps' must be >= 0"),
+        ("training.adam_betas=[0.9, 1.0]", "'training.adam_betas' must both be in [0, 1)"),
+    ],
+)
+def test_values_adamw_would_refuse_are_config_errors(override, fragment):
+    assert fragment in _problems([override])
+
+
+def test_negative_lora_alpha_is_allowed_as_in_peft():
+    job = build_job_config(apply_overrides({"data": {"train": "x.jsonl"}}, ["lora.lora_alpha=-5"]))
+    assert job.method_config.lora_alpha == -5
+
+
+# -- section messages name the section ------------------------------------------------------------
+
+
+def test_section_problems_name_the_section():
+    message = _problems(["data.validation=v.jsonl", "data.val_size=6"])
+    assert "  - data: set either 'validation'" in message
+    assert (
+        "data: 'val_size' as a row count must be at least 1, got 0; use null for no validation split"
+        in _problems(["data.val_size=0"])
+    )
+
+
+# -- layers_to_transform --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", [-1, [0, -1]])
+def test_negative_layer_index_is_a_config_error(layers):
+    with pytest.raises(ValueError, match="layers_to_transform must hold layer indices counted from 0"):
+        LoraConfig(target_modules=["q_proj"], layers_to_transform=layers)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj"], None])
+def test_layers_outside_the_model_give_the_range(targets):
+    with pytest.raises(TargetModulesError) as err:
+        get_peft_model(make_tiny_llama(), lora(target_modules=targets, layers_to_transform=[5]))
+    assert "layers_to_transform [5] selects no layer: the model has layers 0-1 (under model.layers)" in str(
+        err.value
+    )
+
+
+def test_some_layers_outside_the_model_warn():
+    with pytest.warns(UserWarning, match=r"layers_to_transform: index 5 names no layer .* layers 0-1"):
+        model = get_peft_model(make_tiny_llama(), lora(target_modules=["q_proj"], layers_to_transform=[1, 5]))
+    assert wrapped(model) == {"model.layers.1.self_attn.q_proj"}
+
+
+def test_unknown_layers_pattern_names_the_lists():
+    config = lora(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="blocks")
+    with pytest.raises(TargetModulesError, match=r"layers_pattern='blocks' .* lists: model\.layers"):
+        get_peft_model(make_tiny_llama(), config)
+
+
+# -- entries of target lists that match nothing ---------------------------------------------------
+
+
+def test_misspelled_target_entry_warns_with_closest_name():
+    with pytest.warns(UserWarning) as record:
+        model = get_peft_model(make_tiny_llama(), lora(target_modules=["q_proj", "qproj"]))
+    message = str(record[0].message)
+    assert "target_modules entry 'qproj' (did you mean 'q_proj'?) matched no module" in message
+    assert "q_proj, k_proj, v_proj" in message  # the names that would match
+    assert wrapped(model) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+
+
+def test_misspelled_exclude_entry_warns():
+    with pytest.warns(UserWarning, match=r"exclude_modules entry 'oproj' \(did you mean 'o_proj'\?\)"):
+        get_peft_model(make_tiny_llama(), lora(target_modules="all-linear", exclude_modules=["oproj"]))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(target_modules=None),
+        dict(target_modules="all-linear"),
+        dict(target_modules="all-linear", layers_to_transform=[0]),
+        dict(target_modules=["q_proj", "self_attn.v_proj"], layers_to_transform=[1]),
+        dict(target_modules=["model.layers.0.mlp.up_proj"], exclude_modules=["o_proj"]),
+    ],
+)
+def test_matching_targets_do_not_warn(config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_peft_model(make_tiny_llama(), lora(**config))
