@@ -107,3 +107,18 @@ def test_schedule_warms_up_then_decays(kind):
     assert values[-1] == pytest.approx(0.1, abs=0.02)
     mid = lr_multiplier(55, total=100, warmup=10, kind=kind, min_ratio=0.0)
     assert mid == pytest.approx(0.5, abs=1e-6)
+
+
+def test_a_key_given_twice_in_the_yaml_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys silently; the user usually edited the first."""
+    path = tmp_path / "job.yaml"
+    path.write_text("training:\n  learning_rate: 0.1\n  batch_size: 2\n  learning_rate: 0.2\n")
+    with pytest.raises(ConfigError, match=r"key 'learning_rate' is given twice \(lines 2 and 4\): keep one"):
+        load_job_config(path)
+    # YAML merge keys may still be overridden by an explicit key
+    path.write_text(
+        "base: &t {learning_rate: 0.1, batch_size: 2}\ntraining:\n  <<: *t\n  learning_rate: 0.2\n"
+    )
+    from peftkit.train.config import read_yaml
+
+    assert read_yaml(path)["training"] == {"learning_rate": 0.2, "batch_size": 2}
