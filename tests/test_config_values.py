@@ -151,3 +151,13 @@ def test_matching_targets_do_not_warn(config):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_peft_model(make_tiny_llama(), lora(**config))
+
+
+def test_method_configs_built_in_python_refuse_nan_too():
+    from peftkit import IA3Config, LoraConfig
+
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number, got nan"):
+        LoraConfig(lora_alpha=float("nan"))
+    with pytest.raises(ValueError, match="lora_dropout must be a finite number, got inf"):
+        LoraConfig(lora_dropout=float("inf"))
+    IA3Config()  # defaults stay valid

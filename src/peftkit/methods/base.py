@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import field
@@ -123,6 +124,10 @@ class PeftConfig:
         if self.task_type is not None and not isinstance(self.task_type, TaskType):
             valid = ", ".join(t.value for t in TaskType)
             problems.append(f"task_type must be one of {valid} (or null), got {self.task_type!r}")
+        for f in dataclasses.fields(self):  # configs built in Python skip from_dict's type checks
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{f.name} must be a finite number, got {value}")
         return problems
 
     def with_modules_to_save(self, names: list[str]) -> PeftConfig:
