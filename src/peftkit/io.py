@@ -73,8 +73,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
         if path.exists():
             if not overwrite:
                 raise FileExistsError(f"{path} already exists")
-            old = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
+            old = move_aside(path)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -83,6 +82,15 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def move_aside(path: Path) -> Path:
+    """Move ``path`` (atomically) into a new ``<name>.old-*`` directory beside it and return that
+    directory, for the caller to delete: a kill before the delete leaves a leftover that
+    :func:`remove_stale_temporaries` recognises, never half of ``path`` in its place."""
+    old = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
+    os.replace(path, old / "x")
+    return old
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:

@@ -52,12 +52,13 @@ from peftkit.train.output import (
     RESULTS_FILE,
     prepare_output_dir,
     read_results,
+    recorded_base,
     replace_previous_run,
     report,
 )
 from peftkit.train.packing import check_isolation
 from peftkit.train.precision import split_precision, store_in_dtype
-from peftkit.train.schedule import build_scheduler
+from peftkit.train.schedule import build_scheduler, total_optimizer_steps
 from peftkit.train.shared_prefix import shared_prefix_for
 from peftkit.train.tokens import add_tokens, check_tokens_for_method, with_new_tokens
 
@@ -125,28 +126,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_optimizer_steps(job: TrainJobConfig, batches_per_epoch: int) -> int:
-    t = job.training
-    if t.max_steps is not None:
-        return t.max_steps
-    return max(1, math.ceil(t.epochs * batches_per_epoch / t.gradient_accumulation_steps))
-
-
-def recorded_base(base_model: str) -> str:
-    """The base model as the adapter records it: a local directory as an absolute path (a relative
-    one would mean another directory to a later command run elsewhere), an alias or Hub id as is."""
-    path = Path(base_model).expanduser()
-    return str(path.resolve()) if path.is_dir() else base_model
-
-
 def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False) -> TrainSession:
     from peftkit import get_peft_model
     from peftkit.data import build_datasets, check_sources
     from peftkit.models import load_model_and_tokenizer, resolve_device
 
     t = job.training
+    task = get_task(job.task)
     check_tokens_for_method(job.tokens, job.method, job.method_config)
-    check_sources(job.data, ("train",), task=get_task(job.task))  # before any model loads
+    check_sources(job.data, ("train",), task=task)  # before any model loads
+    recorded_config = job.to_yaml_dict()  # what train_config.yaml holds; --resume compares with it
     world = World.from_environment()  # torchrun's processes, or rank 0 of 1
     if t.compile and world.distributed:
         raise PeftkitError(
@@ -160,14 +149,13 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     output_dir = Path(job.output_dir)
     if world.is_main:
         checkpoint = prepare_output_dir(
-            output_dir, resume=resume, overwrite=overwrite, config=job.to_yaml_dict()
+            output_dir, resume=resume, overwrite=overwrite, config=recorded_config
         )
     world.barrier()  # the other ranks read the directory only once rank 0 has prepared it
     if not world.is_main:
         checkpoint = latest_checkpoint(output_dir) if resume else None
     seed_everything(t.seed)  # the same on every rank: identical adapter initialisation
     autocast_dtype = resolve_autocast(t.precision, device)
-    task = get_task(job.task)
     task.prepare(job.data)  # e.g. the label set, which sizes the classification head
 
     attention = t.attention if t.attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
@@ -281,7 +269,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         if overwrite:
             replace_previous_run(output_dir)  # only now: a run that fails to start keeps the old one
         with atomic_file(output_dir / CONFIG_FILE, "w") as handle:
-            yaml.safe_dump(job.to_yaml_dict(), handle, sort_keys=False)
+            yaml.safe_dump(recorded_config, handle, sort_keys=False)
     return session
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from peftkit.errors import PeftkitError
-from peftkit.io import TMP_MARKER
+from peftkit.io import move_aside
 from peftkit.tasks import Task
 from peftkit.train.checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
 from peftkit.train.metrics import METRICS_FILE, PLOT_FILE
@@ -75,6 +75,13 @@ def prepare_output_dir(
     return None
 
 
+def recorded_base(base_model: str) -> str:
+    """The base model as the adapter records it: a local directory as an absolute path (a relative
+    one would mean another directory to a later command run elsewhere), an alias or Hub id as is."""
+    path = Path(base_model).expanduser()
+    return str(path.resolve()) if path.is_dir() else base_model
+
+
 def replace_previous_run(output_dir: Path) -> None:
     """Remove what an earlier run wrote into ``output_dir`` (for ``--overwrite``), just before the
     new run writes anything: a later ``--resume`` must never pick up the old run's checkpoints, and
@@ -89,11 +96,7 @@ def replace_previous_run(output_dir: Path) -> None:
     ):
         path = output_dir / name
         if path.is_dir():
-            # Renamed first (atomic), so a kill mid-delete leaves no half of the old adapter in place.
-            trash = path.with_name(f"{path.name}{TMP_MARKER}old")
-            shutil.rmtree(trash, ignore_errors=True)
-            path.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(move_aside(path), ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
 

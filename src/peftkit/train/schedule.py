@@ -1,10 +1,15 @@
-"""Learning-rate schedule: linear warm-up, then cosine or linear decay (or constant)."""
+"""Learning-rate schedule: linear warm-up, then cosine or linear decay (or constant), over the
+run's number of optimizer steps."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from peftkit.train.config import TrainJobConfig
 
 
 def lr_multiplier(step: int, *, total: int, warmup: int, kind: str, min_ratio: float) -> float:
@@ -35,3 +40,11 @@ def build_scheduler(
         )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_optimizer_steps(job: TrainJobConfig, batches_per_epoch: int) -> int:
+    """The run's optimizer steps: ``training.max_steps``, or its epochs of micro-batches."""
+    t = job.training
+    if t.max_steps is not None:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * batches_per_epoch / t.gradient_accumulation_steps))
