@@ -43,7 +43,7 @@ _LAZY_EXPORTS = {
     "PeftModelForTokenClassification": "peftkit.task_models",
     "PeftModelForQuestionAnswering": "peftkit.task_models",
     "PeftModelForFeatureExtraction": "peftkit.task_models",
-    "get_peft_model": "peftkit.peft_model",
+    "get_peft_model": "peftkit.mapping",
     "QuantizationConfig": "peftkit.quantization",
     "prepare_model_for_kbit_training": "peftkit.quantization",
     "get_peft_model_state_dict": "peftkit.serialization",
@@ -103,6 +103,7 @@ if TYPE_CHECKING:
         AutoPeftModelForSequenceClassification,
         AutoPeftModelForTokenClassification,
     )
+    from peftkit.mapping import get_peft_model
     from peftkit.methods.adalora import AdaLoraConfig
     from peftkit.methods.adapters import BottleneckConfig
     from peftkit.methods.adaption_prompt import AdaptionPromptConfig
@@ -120,7 +121,7 @@ if TYPE_CHECKING:
     from peftkit.methods.prompt_tuning import PromptTuningConfig
     from peftkit.methods.selective import BitFitConfig, FullFinetuneConfig, PartialFinetuneConfig
     from peftkit.methods.unipelt import UniPELTConfig
-    from peftkit.peft_model import PeftModel, get_peft_model
+    from peftkit.peft_model import PeftModel
     from peftkit.quantization import QuantizationConfig, prepare_model_for_kbit_training
     from peftkit.serialization import get_peft_model_state_dict, set_peft_model_state_dict
     from peftkit.task_models import (

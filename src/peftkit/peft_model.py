@@ -358,9 +358,7 @@ class PeftModel(WrappedModelAccess, nn.Module):
         if path_initial_model_for_weight_conversion is not None:
             initial = load_adapter_weights(resolve_adapter_dir(path_initial_model_for_weight_conversion))
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"no adapter(s) named {unknown}; adapters: {', '.join(self.peft_config)}")
+        self._check_names(names)
         tensors = {
             name: get_peft_model_state_dict(
                 self, state_dict, name, save_embedding_layers=save_embedding_layers
@@ -468,48 +466,15 @@ class PeftModel(WrappedModelAccess, nn.Module):
                     param.data = param.data.to(dtype)
 
 
-def get_peft_model(
-    model: nn.Module,
-    peft_config: PeftConfig,
-    adapter_name: str = "default",
-    mixed: bool = False,
-    autocast_adapter_dtype: bool = True,
-    revision: str | None = None,
-    low_cpu_mem_usage: bool = False,
-) -> PeftModel:
-    """Inject the adapter described by ``peft_config`` into ``model`` (in place) and wrap it.
-
-    ``peft_config`` itself is not modified; the model's copy records the base model's name
-    (a ``base_model_name_or_path`` set in the config wins over the path the model was loaded from)
-    and ``revision``, if given. The arguments are PEFT's:
-
-    - ``autocast_adapter_dtype`` (default True): adapter weights are fp32 on an fp16/bf16 model;
-      False keeps them in the model's dtype.
-    - ``mixed=True`` (PEFT's ``PeftMixedModel``, adapters of several methods at once) is refused.
-    - ``low_cpu_mem_usage`` is accepted and changes nothing: adapter weights are created once.
-    """
-    from peftkit.task_models import model_class_for  # it imports this module
-
-    del low_cpu_mem_usage
-    if mixed:
-        raise PeftkitError(
-            "peftkit has no mixed model (mixed=True, adapters of different methods on one model): "
-            "use one method per model, or several adapters of the same method with add_adapter"
-        )
-    config = dataclasses.replace(peft_config)
-    config.base_model_name_or_path = config.base_model_name_or_path or _model_name(model)
-    if revision is not None:
-        config.revision = revision
-    peft_model = model_class_for(config.task_type)(model, config, adapter_name)
-    if not autocast_adapter_dtype:
-        peft_model._cast_adapter(adapter_name)
-    return peft_model
-
-
 def __getattr__(name: str) -> Any:
-    """The task classes moved to :mod:`peftkit.task_models`; their old import path still works."""
+    """Names that moved (the task classes to :mod:`peftkit.task_models`, ``get_peft_model`` to
+    :mod:`peftkit.mapping`); their old import path still works."""
     if name in ("PeftModelForCausalLM", "TASK_MODEL_CLASSES"):
         from peftkit import task_models
 
         return getattr(task_models, name)
+    if name == "get_peft_model":
+        from peftkit.mapping import get_peft_model
+
+        return get_peft_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
