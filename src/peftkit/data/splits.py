@@ -192,8 +192,7 @@ def _task_type(task: Any) -> str | None:
 def read_train_samples(cfg: DataConfig, task: Any = None) -> list[Sample]:
     """Every good row of ``cfg.train`` (before splitting), untokenized: e.g. to collect the label set."""
     cfg = apply_builtin_defaults(cfg, _task_type(task))
-    if cfg.train is None:
-        raise DataError("no training data: set data.train to a file or builtin:NAME")
+    _require_split(cfg, "train")
     return _Loader(cfg, None, DataReport(), task).samples(cfg.train, "train")
 
 
@@ -228,8 +227,7 @@ def build_datasets(
     carved = {"test": cfg.test_size, "validation": cfg.val_size}
     needs_train = "train" in splits or any(carved[s] is not None for s in splits if s in carved)
     if needs_train:
-        if cfg.train is None:
-            raise DataError("no training data: set data.train to a file or builtin:NAME")
+        _require_split(cfg, "train")
         rows = loader.samples(cfg.train, "train")
         order = list(range(len(rows)))
         random.Random(cfg.split_seed if cfg.split_seed is not None else (seed or 0)).shuffle(order)
@@ -266,19 +264,24 @@ def build_datasets(
     return DataSplits(out["train"], out["validation"], out["test"], report)
 
 
+def _require_split(cfg: DataConfig, split: str) -> None:
+    """Raise if ``cfg`` (built-in defaults applied) gives no rows for ``split``."""
+    if split == "train" and cfg.train is None:
+        raise DataError("no training data: set data.train to a file or builtin:NAME")
+    if split == "test" and cfg.test is None and cfg.test_size is None:
+        raise DataError(
+            "no test split configured: set data.test (a file) or data.test_size (carved from train)"
+        )
+    if split == "validation" and cfg.validation is None and cfg.val_size is None:
+        raise DataError("no validation split configured: set data.validation or data.val_size")
+
+
 def check_sources(cfg: DataConfig, required: tuple[str, ...] = ("train",), *, task: Any = None) -> None:
     """Fail fast, before a model loads: the ``required`` splits are configured, built-in names
     are known, and every data file named exists and has a type peftkit reads."""
     cfg = apply_builtin_defaults(cfg, _task_type(task))  # an unknown builtin:NAME raises here
     for split in required:
-        if split == "train" and cfg.train is None:
-            raise DataError("no training data: set data.train to a file or builtin:NAME")
-        if split == "test" and cfg.test is None and cfg.test_size is None:
-            raise DataError(
-                "no test split configured: set data.test (a file) or data.test_size (carved from train)"
-            )
-        if split == "validation" and cfg.validation is None and cfg.val_size is None:
-            raise DataError("no validation split configured: set data.validation or data.val_size")
+        _require_split(cfg, split)
     for source in (cfg.train, cfg.validation, cfg.test):
         if isinstance(source, str) and not is_builtin(source):
             check_data_file(source)
@@ -290,11 +293,5 @@ def load_split(
     """One split only (e.g. the test set for evaluation), carved exactly as training carved it."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
-    resolved = apply_builtin_defaults(cfg, _task_type(task))
-    if split == "test" and resolved.test is None and resolved.test_size is None:
-        raise DataError(
-            "no test split configured: set data.test (a file) or data.test_size (carved from train)"
-        )
-    if split == "validation" and resolved.validation is None and resolved.val_size is None:
-        raise DataError("no validation split configured: set data.validation or data.val_size")
+    _require_split(apply_builtin_defaults(cfg, _task_type(task)), split)
     return getattr(build_datasets(cfg, tokenizer, seed, splits=(split,), task=task), split)
