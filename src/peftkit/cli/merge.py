@@ -13,7 +13,6 @@ directory is written atomically: a failed or interrupted merge leaves no partial
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +98,10 @@ def merge_adapter(
 
 
 def _set_label_names(config: Any, adapter_dir: Path) -> None:
-    """Name a classifier's labels as training did (its TASK_FILE), not transformers' LABEL_0, ..."""
-    from peftkit.tasks import TASK_FILE
+    """Name a classifier's labels as training did (its task file), not transformers' LABEL_0, ..."""
+    from peftkit.tasks import load_task
 
-    path = adapter_dir / TASK_FILE
-    labels = json.loads(path.read_text()).get("labels") if path.is_file() else None
+    labels = load_task(adapter_dir).labels
     if labels and len(labels) == config.num_labels:
         config.id2label = dict(enumerate(labels))
         config.label2id = {name: i for i, name in enumerate(labels)}
