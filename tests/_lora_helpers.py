@@ -12,10 +12,6 @@ from peftkit.methods.lora import LoraLinear
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def sample_ids() -> torch.Tensor:
-    return torch.randint(0, 400, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits

@@ -59,6 +59,16 @@ def tiny_tokenizer():
     return make_tiny_tokenizer()
 
 
+def sample_ids() -> torch.Tensor:
+    """Token ids of two 9-token rows for the tiny Llama (fixed seed)."""
+    return torch.randint(0, 400, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return sample_ids()
+
+
 def make_tiny_llama(vocab_size: int = 400, seed: int = 0, **overrides):
     """A 2-layer Llama causal LM with random weights (a few hundred thousand parameters)."""
     from transformers import LlamaConfig, LlamaForCausalLM

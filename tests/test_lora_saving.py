@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from _lora_helpers import LLAMA_LINEARS, biased_llama, logits, lora, sample_ids, trainable, trained
+from _lora_helpers import LLAMA_LINEARS, biased_llama, logits, lora, trainable, trained
 from _tiny_models import make_tiny_gpt2
 from conftest import make_tiny_llama
 from peftkit import (
@@ -27,11 +27,6 @@ from peftkit.methods.lora import LoraLinear
 from peftkit.methods.modules_to_save import ModulesToSaveWrapper
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture
-def ids() -> torch.Tensor:
-    return sample_ids()
 
 
 # -- saving and loading -------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import peftkit
-from _lora_helpers import logits, sample_ids, trainable, trained
-from conftest import make_tiny_llama
+from _lora_helpers import logits, trainable, trained
+from conftest import make_tiny_llama, sample_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
