@@ -115,10 +115,6 @@ def check_layers_to_transform(model: nn.Module, config: TargetingConfig) -> None
         warnings.warn(f"layers_to_transform: {what} no layer (ignored); {where}", stacklevel=3)
 
 
-def _matches_entry(name: str, entry: str) -> bool:
-    return name == entry or name.endswith(f".{entry}")
-
-
 def warn_unmatched_entries(
     model: nn.Module, config: TargetingConfig, is_supported: Callable[[nn.Module], bool], method: str
 ) -> None:
@@ -131,7 +127,7 @@ def warn_unmatched_entries(
         entries = getattr(config, key)
         if not isinstance(entries, list):
             continue
-        unmatched = [e for e in entries if not any(_matches_entry(n, e) for n in names)]
+        unmatched = [e for e in entries if not any(_names_match([e], n) for n in names)]
         if not unmatched or (key == "target_modules" and len(unmatched) == len(entries)):
             continue
         targetable = targetable_modules(model, is_supported)
