@@ -1,16 +1,20 @@
 """``get_peft_model``: wrap a model with a new adapter (PEFT's ``mapping_func``).
 
 It picks the ``PeftModel`` class for the config's task type (``task_models.py``), which injects
-the method's layers through the registry; ``peft_model.py`` holds the wrapper itself.
+the method's layers through the registry; ``peft_model.py`` holds the wrapper itself. Also
+PEFT's ``get_peft_config`` and ``PEFT_TYPE_TO_CONFIG_MAPPING``, both read from the registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from torch import nn
 
 from peftkit.errors import PeftkitError
+from peftkit.methods import get_method, list_methods
 from peftkit.methods.base import PeftConfig
 from peftkit.peft_model import PeftModel, _model_name
 from peftkit.task_models import model_class_for
@@ -50,3 +54,43 @@ def get_peft_model(
     if not autocast_adapter_dtype:
         peft_model._cast_adapter(adapter_name)
     return peft_model
+
+
+class _ConfigClassByPeftType(Mapping[str, type[PeftConfig]]):
+    """``{peft_type: config class}`` of the registered methods, read from the registry on each use
+    (so methods registered later appear too). Read-only: add a method with ``register_peft_method``."""
+
+    def __getitem__(self, peft_type: str) -> type[PeftConfig]:
+        for name in list_methods():
+            spec = get_method(name)
+            if spec.peft_type == peft_type:
+                return spec.config_cls
+        raise KeyError(peft_type)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([get_method(name).peft_type for name in list_methods()])
+
+    def __len__(self) -> int:
+        return len(list_methods())
+
+    def __setitem__(self, peft_type: str, config_cls: Any) -> None:
+        raise TypeError(
+            "PEFT_TYPE_TO_CONFIG_MAPPING is read from peftkit's method registry: register a new method "
+            "with peftkit.methods.register_peft_method(name, config_cls=..., model_cls=...)"
+        )
+
+    def __repr__(self) -> str:
+        return repr({peft_type: cls.__name__ for peft_type, cls in self.items()})
+
+
+PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[str, type[PeftConfig]] = _ConfigClassByPeftType()
+
+
+def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
+    """The config of the method named by ``config_dict["peft_type"]``, built from the dict (PEFT's).
+
+    Goes through ``PeftConfig.from_dict``: every problem is reported at once (``ConfigError``),
+    and PEFT keys for features peftkit lacks are accepted only at their default values.
+    ``peft_type`` may be a string or a ``PeftType`` member.
+    """
+    return PeftConfig.from_dict(config_dict)

@@ -196,6 +196,27 @@ def load_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
     )
 
 
+def load_peft_weights(
+    model_id: str | os.PathLike,
+    device: str | torch.device | None = None,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """The saved adapter tensors of ``model_id`` (PEFT's ``load_peft_weights``), on ``device``.
+
+    ``model_id`` is an adapter directory or a Hub repo (``revision`` / ``subfolder`` as in
+    ``PeftModel.from_pretrained``). Keys are the file's (adapter name removed), ready for
+    ``set_peft_model_state_dict``. Differences from PEFT: ``device=None`` keeps the tensors on
+    the CPU (PEFT picks the accelerator), and only ``adapter_model.safetensors`` is read: a
+    pickle-only adapter (``adapter_model.bin``) is refused with how to convert it, never unpickled.
+    """
+    tensors = load_adapter_weights(resolve_adapter_dir(model_id, revision, subfolder))
+    if device is None:
+        return tensors
+    return {key: tensor.to(device) for key, tensor in tensors.items()}
+
+
 def resolve_adapter_dir(
     model_id: str | os.PathLike, revision: str | None = None, subfolder: str | None = None
 ) -> Path:

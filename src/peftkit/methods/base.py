@@ -191,6 +191,8 @@ class PeftConfig:
 
         data = dict(data)
         peft_type = data.pop("peft_type", None)
+        if isinstance(peft_type, Enum):  # PeftType.LORA: str() of a str-Enum is "PeftType.LORA"
+            peft_type = peft_type.value
         target = cls
         if cls._declared_peft_type() is None:
             if peft_type is None:
