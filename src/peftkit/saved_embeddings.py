@@ -103,14 +103,35 @@ def saves_embeddings(model: PeftModel, adapter_name: str, save_embedding_layers:
     return bool(vocab and base and vocab != base)
 
 
+def _embedding_layer(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.<getter>()``, or None where the model has no such layer: transformers' vision and
+    speech models (Segformer, ConvNeXt, ...) raise NotImplementedError, other modules may lack it."""
+    method = getattr(model, getter, None)
+    if not callable(method):
+        return None
+    try:
+        layer = method()
+    except (NotImplementedError, AttributeError):
+        return None
+    return layer if isinstance(layer, nn.Module) else None
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding layer (for a ViT its patch embedding), or None if it has none."""
+    return _embedding_layer(model, "get_input_embeddings")
+
+
+def output_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's output embedding layer (an LM head), or None if it has none."""
+    return _embedding_layer(model, "get_output_embeddings")
+
+
 def _embedding_prefixes(model: PeftModel, targeted: bool) -> list[str]:
     """Module names (with a trailing dot) whose tensors are the saved embeddings, chosen as PEFT does:
     the layer itself when untargeted, its ``base_layer`` when it is a LoRA-wrapped target."""
     base_model = model.get_base_model()
-    if not hasattr(base_model, "get_input_embeddings"):
-        return []
     prefixes = []
-    for layer in (base_model.get_input_embeddings(), base_model.get_output_embeddings()):
+    for layer in (input_embeddings(base_model), output_embeddings(base_model)):
         if layer is None:
             continue
         base_layer = getattr(layer, "base_layer", None)
@@ -152,9 +173,10 @@ def _vocabulary_error(key: str, saved: tuple[int, ...], own: tuple[int, ...]) ->
 def check_saved_vocabulary(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Before wrapping ``model`` (the plain base model): refuse a file whose saved input embedding
     has another number of rows, naming both vocabulary sizes."""
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not isinstance(getattr(embed, "weight", None), torch.Tensor):
-        return  # no token embedding (e.g. a ViT's patch embedding)
+    embed = input_embeddings(model)
+    weight = getattr(embed, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return  # no token embedding (a Segformer has no input embedding, a ViT a patch embedding)
     name = next((n for n, m in model.named_modules() if m is embed), None)
     if name is None:
         return
