@@ -27,6 +27,7 @@ from torch import nn
 
 import peftkit
 import peftkit.auto
+from _peft_compat import let_peft_hand_over_prefix
 from _tiny_models import _encoder_kwargs, _ids, tiny_bert_case, tiny_roberta_case, tiny_t5_case
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from peftkit.errors import PeftkitError
@@ -155,7 +156,7 @@ def theirs_model(method: str, arch: str, **extra: Any) -> Any:
     config = getattr(peft, PARITY_METHODS[method][0])(**config_kwargs(method, arch, **extra))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return peft.get_peft_model(MODELS[arch](), config)
+        return let_peft_hand_over_prefix(peft.get_peft_model(MODELS[arch](), config))
 
 
 def trainable(model: nn.Module) -> set[str]:
@@ -224,7 +225,9 @@ def test_saved_adapters_load_both_ways_with_the_same_outputs(method, arch, tmp_p
         assert f"{prefix}{HEAD[arch]}.{HEAD_WEIGHT.get(arch, 'weight')}" in ours_keys
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs_loaded = peft.PeftModel.from_pretrained(MODELS[arch](), tmp_path / "ours")
+        theirs_loaded = let_peft_hand_over_prefix(
+            peft.PeftModel.from_pretrained(MODELS[arch](), tmp_path / "ours")
+        )
     ours_loaded = peftkit.PeftModel.from_pretrained(MODELS[arch](), tmp_path / "theirs")
     assert type(ours_loaded).__name__ == type(theirs_loaded).__name__ == CLASS[TASK[arch]]
     # peftkit's adapter in PEFT, PEFT's adapter in peftkit: each computes what its source computed

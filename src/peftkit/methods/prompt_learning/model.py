@@ -6,7 +6,7 @@
             └─ default              .embedding (+ an MLP/LSTM while training a reparameterized one)
 
     input prompts (prompt tuning, P-tuning):     [P1 .. Pn | x1 .. xL]  -> model(inputs_embeds=...)
-    prefix (prefix tuning, P-tuning v2):         past_key_values = K/V of P1 .. Pn in every layer
+    prefix (prefix tuning, P-tuning v2):         KV cache = K/V of P1 .. Pn in every layer
 
 Nothing is injected into the model's layers, so everything a method does happens in this
 class's hooks: ``forward``, ``generate`` (a patched ``prepare_inputs_for_generation``, as PEFT
@@ -38,6 +38,7 @@ from peftkit.methods.modules_to_save import ModulesToSaveWrapper, wrap_modules_t
 from peftkit.methods.prompt_learning.config import PromptLearningConfig
 from peftkit.methods.targeting import replace_module
 from peftkit.methods.tuner_base import TunerBase
+from peftkit.transformers_compat import generation_cache
 
 SUPPORTED_TASKS = tuple(TaskType)
 # Tasks whose inputs keep BERT-style token type ids (zeros in front for the virtual tokens), as in PEFT.
@@ -330,9 +331,9 @@ class PromptLearningModel(TunerBase):
         config = self._config
         n = config.num_virtual_tokens
         inputs = original(*args, **kwargs)
-        cache = inputs.get("past_key_values")
+        key, cache = generation_cache(inputs, self.model)
         if inputs.get("use_cache") is False:  # a prefix handed in comes back as a cache: start afresh
-            inputs.pop("past_key_values", None)
+            inputs.pop(key, None)
             cache = None
         empty = cache is None or cache.get_seq_length() == 0
         ids = inputs.get("input_ids")

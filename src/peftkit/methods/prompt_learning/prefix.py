@@ -7,14 +7,14 @@
 
 The layout, the order of the split and, for encoder-decoder models, the empty cross-attention
 cache are PEFT's, so a PEFT prefix gives the same logits here. The model's own forward must take
-``past_key_values``; a classifier whose forward does not (BERT's) gets them handed to its
+a KV cache (``cache`` since transformers 5.25, ``past_key_values`` before: see
+``transformers_compat``); a classifier whose forward does not (BERT's) gets it handed to its
 backbone (``model.<base_model_prefix>``) through a forward pre-hook, which keeps the model's own
 pooling, dropout, head and loss.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -24,11 +24,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.base import TaskType
 from peftkit.methods.prompt_learning.config import PromptLearningConfig
 from peftkit.methods.prompt_learning.model import PromptLearningModel
-
-
-def _takes_past_key_values(module: torch.nn.Module) -> bool:
-    forward = getattr(module, "forward", None)
-    return forward is not None and "past_key_values" in inspect.signature(forward).parameters
+from peftkit.transformers_compat import CACHE_KEYWORDS, cache_keyword, generation_cache
 
 
 class PrefixModel(PromptLearningModel):
@@ -38,20 +34,20 @@ class PrefixModel(PromptLearningModel):
 
     def _backbone(self) -> torch.nn.Module | None:
         """The module to hand past key/values to: ``None`` means the model's own forward takes them."""
-        if _takes_past_key_values(self.model):
+        if cache_keyword(self.model):
             return None
         prefix = getattr(self.model, "base_model_prefix", None)
         backbone = getattr(self.model, prefix, None) if prefix else None
-        if backbone is not None and _takes_past_key_values(backbone):
+        if backbone is not None and cache_keyword(backbone):
             return backbone
         return None
 
     def check_model(self, config: PromptLearningConfig) -> None:
-        if not _takes_past_key_values(self.model) and self._backbone() is None:
+        if not cache_keyword(self.model) and self._backbone() is None:
             raise PeftkitError(
                 f"{self.method_name} hands each attention layer past key/values, but {type(self.model).__name__}'s "
-                "forward (and its backbone's) has no past_key_values argument. Use prompt_tuning or p_tuning "
-                "(prompts as input embeddings) for this model."
+                "forward (and its backbone's) takes no KV cache (no cache or past_key_values argument). Use "
+                "prompt_tuning or p_tuning (prompts as input embeddings) for this model."
             )
         if any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()):
             raise PeftkitError(
@@ -96,10 +92,11 @@ class PrefixModel(PromptLearningModel):
             kwargs["attention_mask"] = self._with_prefix_mask(kwargs["attention_mask"], n)
         backbone = self._backbone()
         if backbone is None:
-            return self.model(past_key_values=cache, **kwargs)
+            return self.model(**{cache_keyword(self.model): cache}, **kwargs)
+        keyword = cache_keyword(backbone)
 
         def hand_over(module: torch.nn.Module, args: tuple, module_kwargs: dict) -> tuple[tuple, dict]:
-            return args, {**module_kwargs, "past_key_values": cache}
+            return args, {**module_kwargs, keyword: cache}
 
         handle = backbone.register_forward_pre_hook(hand_over, with_kwargs=True)
         try:
@@ -114,21 +111,27 @@ class PrefixModel(PromptLearningModel):
             return super().body_hidden_states(body, input_ids, attention_mask)
         mask = self._with_prefix_mask(attention_mask, self._config.num_virtual_tokens)
         cache = self.past_key_values(input_ids.shape[0])
-        return body(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)[0]
+        return body(input_ids=input_ids, attention_mask=mask, use_cache=True, **{cache_keyword(body): cache})[
+            0
+        ]
 
     def _prepare_inputs_for_generation(self, original: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if self._config.task_type != TaskType.SEQ_2_SEQ_LM:
             return super()._prepare_inputs_for_generation(original, *args, **kwargs)
         inputs = original(*args, **kwargs)
-        cache = inputs.get("past_key_values")
-        first = kwargs.get("is_first_iteration")
-        if first is None:
-            first = cache is None or cache.get_seq_length() == 0
-        if first:  # the prefix goes into the decoder's self-attention cache before the first step
-            inputs["past_key_values"] = self.past_key_values(inputs["decoder_input_ids"].shape[0])
+        key, cache = generation_cache(inputs, self.model)
+        # The prefix goes into the decoder's self-attention cache before the first step, and before
+        # every step that keeps no cache (use_cache=False: a cache handed back holds last step's
+        # tokens, which this step recomputes).
+        uncached = inputs.get("use_cache") is False
+        empty = uncached or cache is None or cache.get_seq_length() == 0
+        if kwargs.get("is_first_iteration") or empty:
+            inputs[key] = self.past_key_values(inputs["decoder_input_ids"].shape[0])
         return inputs
 
     def inject_for_generation(
         self, config: PromptLearningConfig, inputs: dict[str, Any], ids: torch.Tensor
     ) -> None:
-        inputs["past_key_values"] = self.past_key_values(ids.shape[0])
+        for key in CACHE_KEYWORDS:  # generate's empty cache, under whichever name, is replaced
+            inputs.pop(key, None)
+        inputs[cache_keyword(self.model)] = self.past_key_values(ids.shape[0])
