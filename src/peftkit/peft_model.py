@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
+from peftkit.forward_signature import wrapped_signature
 from peftkit.methods import get_method
 from peftkit.methods.base import AdapterModule, PeftConfig, TunerModel
 from peftkit.methods.merging import refuse_while_merged
@@ -232,6 +233,7 @@ class PeftModel(WrappedModelAccess, nn.Module):
 
     # -- running -------------------------------------------------------------------------------
 
+    @wrapped_signature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.base_model.refuse_adapter_names(kwargs)  # transformers would silently drop it
         return self.base_model(*args, **kwargs)

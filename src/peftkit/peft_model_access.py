@@ -35,6 +35,12 @@ REFUSED = {
 class WrappedModelAccess:
     """The part of ``PeftModel`` that reads through to the wrapped model (``get_base_model()``)."""
 
+    # transformers' flag for "adapters are attached to this model". Trainer reads it (with
+    # ``is_quantized``, which comes from the wrapped model) to refuse training a purely quantized
+    # model; it recognises PEFT's own wrapper by class, so without this a QLoRA model raised
+    # "You cannot perform fine-tuning on purely quantized models".
+    _hf_peft_config_loaded = True
+
     def get_base_model(self) -> nn.Module:
         raise NotImplementedError
 
@@ -65,6 +71,12 @@ class WrappedModelAccess:
     def generation_config(self) -> Any:
         return self.get_base_model().generation_config
 
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        # Seq2SeqTrainer(args=Seq2SeqTrainingArguments(generation_config=...)) and TRL assign
+        # model.generation_config; the wrapped model's generate() is the one that reads it.
+        self.get_base_model().generation_config = value
+
     @property
     def device(self) -> torch.device:
         base = self.get_base_model()
@@ -85,14 +97,22 @@ class WrappedModelAccess:
     def is_activation_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.get_base_model().modules())
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, **options: Any
+    ) -> None:
         """Recompute activations in backward, and let inputs require grad: with frozen embeddings,
-        reentrant checkpointing would otherwise see no input needing grad and drop the adapters' grads."""
+        reentrant checkpointing would otherwise see no input needing grad and drop the adapters' grads.
+
+        ``options`` go to the wrapped model as they are: ``Trainer(args=TrainingArguments(
+        gradient_checkpointing=True))`` in transformers 5.2x passes ``every_n_layers`` and ``offload``.
+        """
         base = self.get_base_model()
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs)
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs, **options)
         else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **options
+            )
         self.enable_input_require_grads()
 
     def activation_checkpointing_disable(self) -> None:
@@ -102,9 +122,11 @@ class WrappedModelAccess:
         else:
             base.gradient_checkpointing_disable()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, **options: Any
+    ) -> None:
         """The older transformers name of :meth:`activation_checkpointing_enable`."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     def gradient_checkpointing_disable(self) -> None:
         self.activation_checkpointing_disable()

@@ -311,6 +311,8 @@ def prepare_model_for_kbit_training(
         kwargs = dict(gradient_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-        if hasattr(model, "gradient_checkpointing_enable"):
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x's name
+            model.activation_checkpointing_enable(kwargs or None)
+        elif hasattr(model, "gradient_checkpointing_enable"):  # deprecated there, the only one before
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
     return model

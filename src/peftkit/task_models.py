@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from peftkit.forward_signature import wrapped_signature
 from peftkit.methods.base import PeftConfig, TaskType
 from peftkit.peft_model import PeftModel
 
@@ -38,13 +39,21 @@ class _TaskModel(PeftModel):
     ``attention_mask``, ``inputs_embeds``, ``labels``, ``decoder_input_ids``, ``token_type_ids``,
     ``start_positions``, ``output_hidden_states``, ...) go to the model as given.
 
+    The class's signature names the task's labels (``transformers.Trainer`` finds them there);
+    an instance's ``forward`` shows the wrapped model's parameters (``forward_signature``).
     Keywords left at ``None`` are not passed on, so the model's own defaults apply (a custom
     ``nn.Module`` need not accept ``output_attentions``); positional arguments keep the wrapped
     model's own order. ``task_ids`` selects a task in PEFT's multitask methods (Poly, multitask
     prompt tuning), which peftkit does not implement, and is refused.
     """
 
-    def forward(self, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    @wrapped_signature
+    def forward(
+        self, *args: Any, labels: Any = None, task_ids: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        return self._forward(args, {"labels": labels, **kwargs}, task_ids)
+
+    def _forward(self, args: tuple, kwargs: dict[str, Any], task_ids: torch.Tensor | None) -> Any:
         if task_ids is not None:
             raise ValueError(
                 "task_ids selects a task in PEFT's multitask methods (Poly, multitask prompt tuning), which "
@@ -124,10 +133,26 @@ class PeftModelForQuestionAnswering(_TaskHeadModel):
 
     TASK_HEADS = ("qa_outputs",)
 
+    @wrapped_signature
+    def forward(
+        self,
+        *args: Any,
+        start_positions: Any = None,
+        end_positions: Any = None,
+        task_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        spans = {"start_positions": start_positions, "end_positions": end_positions}
+        return self._forward(args, {**spans, **kwargs}, task_ids)
+
 
 class PeftModelForFeatureExtraction(_TaskModel):
     """A ``PeftModel`` for models without a task head, used for their hidden states / embeddings
     (``TaskType.FEATURE_EXTRACTION``)."""
+
+    @wrapped_signature
+    def forward(self, *args: Any, task_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return self._forward(args, kwargs, task_ids)
 
 
 # The PeftModel class for each task type; a config without a task type uses PeftModel itself.
