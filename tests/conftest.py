@@ -7,8 +7,22 @@ import os
 import pytest
 import torch
 
+import _own_deprecations
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_own_deprecations.install()
+
+
+@pytest.fixture(autouse=True)
+def no_deprecated_calls_from_peftkit():
+    """A deprecation warning that peftkit's own call caused is a bug (see _own_deprecations)."""
+    _own_deprecations.caught.clear()
+    yield
+    found, _own_deprecations.caught[:] = list(_own_deprecations.caught), []
+    assert not found, "peftkit called deprecated API:\n" + "\n".join(dict.fromkeys(found))
+
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
