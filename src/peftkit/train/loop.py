@@ -36,11 +36,7 @@ from peftkit.errors import PeftkitError
 from peftkit.io import atomic_file, write_json
 from peftkit.tasks import Task, get_task, save_task
 from peftkit.train.batching import MicroBatchStream
-from peftkit.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.train.compile import CompiledLayers
 from peftkit.train.config import TrainJobConfig
 from peftkit.train.distributed import World, choose_strategy, data_parallel, no_sync
@@ -50,6 +46,7 @@ from peftkit.train.output import (
     ADAPTER_DIR,
     CONFIG_FILE,
     RESULTS_FILE,
+    claim_output_dir,
     prepare_output_dir,
     read_results,
     recorded_base,
@@ -473,16 +470,18 @@ def run_training(
     progress: bool = True,
     stop_after_step: int | None = None,
 ) -> dict[str, Any]:
-    session = setup(job, resume=resume, overwrite=overwrite)
-    try:
-        before_only = session.results.get("before") and not (session.output_dir / RESULTS_FILE).exists()
-        if before_only and session.world.is_main:
-            write_json(session.output_dir / RESULTS_FILE, session.results)
-        results = train(session, stop_after_step=stop_after_step, progress=progress)
-    except BaseException:
-        leave_process_group(session, failed=True)
-        raise
-    leave_process_group(session)
+    # Rank 0 holds output_dir from before anything loads until the run ends (train/run_lock.py).
+    with claim_output_dir(Path(job.output_dir), World.from_environment()):
+        session = setup(job, resume=resume, overwrite=overwrite)
+        try:
+            before_only = session.results.get("before") and not (session.output_dir / RESULTS_FILE).exists()
+            if before_only and session.world.is_main:
+                write_json(session.output_dir / RESULTS_FILE, session.results)
+            results = train(session, stop_after_step=stop_after_step, progress=progress)
+        except BaseException:
+            leave_process_group(session, failed=True)
+            raise
+        leave_process_group(session)
     return results
 
 

@@ -3,6 +3,7 @@
 ``output_dir/`` holds ``adapter/`` (the final adapter and tokenizer), ``checkpoints/``
 (``train/checkpoint.py``), ``metrics.jsonl`` and its plot (``train/metrics.py``),
 ``eval_results.json`` and ``train_config.yaml`` (the job as run, which ``--resume`` compares with).
+While a run trains, its writing process holds ``.peftkit-train.lock`` there (``train/run_lock.py``).
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from peftkit.errors import PeftkitError
-from peftkit.io import move_aside
+from peftkit.io import move_aside, remove_stale_temporaries
 from peftkit.tasks import Task
 from peftkit.train.checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
+from peftkit.train.distributed import World
 from peftkit.train.metrics import METRICS_FILE, PLOT_FILE
+from peftkit.train.run_lock import RunLock
 
 ADAPTER_DIR = "adapter"
 RESULTS_FILE = "eval_results.json"
@@ -37,6 +42,35 @@ RESUMABLE = (
     "training.device",
     "training.collective_timeout_minutes",
 )
+
+
+@contextmanager
+def claim_output_dir(output_dir: Path, world: World) -> Iterator[None]:
+    """Hold ``output_dir`` for one run. The writing rank (0) locks it, so that another live run
+    there is refused, by name; then it deletes what interrupted atomic writes left in the run
+    (``adapter.tmp-*`` of a kill during the final save, ``checkpoints/step-*.tmp-*``, ...): with
+    the lock held, none of them can be another live run's. The other ranks write nothing here.
+    """
+    if not world.is_main:
+        yield
+        return
+    created = not output_dir.exists()
+    with RunLock(output_dir) as lock:
+        # The run's own folders whole; other folders a user keeps beside them are not looked into.
+        own = [(output_dir, False), (output_dir / ADAPTER_DIR, True), (checkpoints_dir(output_dir), True)]
+        for folder, recursive in own:
+            for path in remove_stale_temporaries(folder, recursive=recursive):
+                print(f"removed {path} (left by an interrupted save)", file=sys.stderr, flush=True)
+        try:
+            yield
+        except BaseException:
+            # A run that failed before writing anything leaves no directory it made itself (a
+            # bad model or data file must not leave an empty run behind). Unlinked while held.
+            if created and [p.name for p in output_dir.iterdir()] == [lock.path.name]:
+                lock.path.unlink(missing_ok=True)
+                lock.release()
+                output_dir.rmdir()
+            raise
 
 
 def prepare_output_dir(
