@@ -78,6 +78,64 @@ def test_negative_lora_alpha_is_allowed_as_in_peft():
     assert job.method_config.lora_alpha == -5
 
 
+# -- run length, warm-up and seed ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("epochs", ["-1", "0"])
+def test_non_positive_epochs_is_refused_even_with_max_steps(epochs):
+    message = _problems([f"training.epochs={epochs}", "training.max_steps=10"])
+    assert f"'training.epochs' must be > 0, got {epochs}" in message
+
+
+def test_warmup_longer_than_max_steps_is_an_error():
+    message = _problems(["training.max_steps=10", "training.warmup_steps=100"])
+    assert "'training.warmup_steps' (100) is more than 'training.max_steps' (10)" in message
+    build_job_config(apply_overrides({}, ["training.max_steps=10", "training.warmup_steps=10"]))
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("1e15", "YAML reads a number in exponent form as text"),
+        ("1.0e+15", "a float is not accepted"),
+        ("5.0", "a float is not accepted"),
+    ],
+)
+def test_float_for_an_integer_field_is_refused_with_the_reason(value, hint):
+    message = _problems([f"training.max_steps={value}"])
+    assert "'training.max_steps' must be an integer" in message and hint in message
+
+
+def test_absurd_max_steps_warns():
+    with pytest.warns(
+        UserWarning, match=r"'training.max_steps' is 1,000,000,000,000,000, more than 10,000,000"
+    ):
+        build_job_config(apply_overrides({}, ["training.max_steps=1000000000000000"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_job_config(apply_overrides({}, ["training.max_steps=100000"]))
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_seed_out_of_range_is_refused_with_the_range(seed):
+    assert f"'training.seed' must be in 0 .. 2**32 - 1, got {seed}" in _problems([f"training.seed={seed}"])
+
+
+def test_schedule_warns_once_the_epoch_total_is_known():
+    import torch
+
+    from peftkit.train.schedule import build_scheduler, total_optimizer_steps
+
+    job = build_job_config(apply_overrides({}, ["training.warmup_steps=50", "training.epochs=2"]))
+    total = total_optimizer_steps(job, batches_per_epoch=10)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.warns(UserWarning, match=r"warmup_steps \(50\) is more than the run's 20 optimizer steps"):
+        build_scheduler(optimizer, job.training, total)
+    huge = build_job_config(apply_overrides({}, ["training.epochs=1000000"]))
+    with pytest.warns(UserWarning, match=r"make 20,000,000 optimizer steps, more than 10,000,000"):
+        assert total_optimizer_steps(huge, batches_per_epoch=20) == 20_000_000
+
+
 # -- section messages name the section ------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 
@@ -315,3 +316,93 @@ def test_tokenizers_without_offsets_label_the_same_tokens(tiny_tokenizer):
     fast = one([{"messages": CHAT}], tiny_tokenizer)
     # ChatML boundaries fall on special tokens, so piecewise tokenization matches here.
     assert (slow.input_ids, slow.labels, slow.prompt_ids) == (fast.input_ids, fast.labels, fast.prompt_ids)
+
+
+# -- rows with nothing to learn, and conversations in an order no template expects ----------------
+
+
+def test_empty_completions_are_counted_and_refused_with_their_lines(tmp_path, tiny_tokenizer):
+    path = tmp_path / "pc.jsonl"
+    rows = [
+        {"prompt": "2+2=", "completion": "4"},
+        {"prompt": "Say hi", "completion": ""},
+        {"prompt": "", "completion": " "},
+        {"prompt": "Sky?", "completion": "blue"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as err:
+        build_datasets(DataConfig(train=str(path)), tiny_tokenizer)
+    message = str(err.value)
+    assert message.startswith(f"{path}:2: field 'completion' is empty: with data.train_on: completion")
+    assert f"2 rows of {path} have nothing to train on ({path}:2, {path}:3)" in message
+    assert "skip_bad_rows" in message
+    data = build_datasets(DataConfig(train=str(path), skip_bad_rows=True), tiny_tokenizer)
+    assert sorted(e.answer for e in data.train) == ["4", "blue"]
+    assert "skipped malformed rows: 2 (2 with nothing to train on)" in data.summary()
+    assert f"{path}:3: field 'completion' is empty and so is the prompt" in data.summary()
+    # train_on: all still learns the prompt of a row without completion; an all-empty row is refused.
+    kept = build_datasets(DataConfig(train=rows[:2], train_on="all"), tiny_tokenizer)
+    assert len(kept.train) == 2
+    with pytest.raises(DataError, match=r"data\.train\[2\]: .* and so is the prompt"):
+        build_datasets(DataConfig(train=rows, train_on="all"), tiny_tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("row", "fragment"),
+    [
+        ({"instruction": "Count.", "output": ""}, "field 'output' is empty"),
+        ({"q": "Count.", "a": "  "}, "field 'completion' (column 'a') is empty"),
+        ({"text": ""}, "field 'text' is empty: nothing to train on"),
+    ],
+)
+def test_empty_answers_of_every_format_are_refused(tiny_tokenizer, row, fragment):
+    columns = {"prompt": "q", "completion": "a"} if "q" in row else {}
+    with pytest.raises(DataError, match=r"data\.train\[0\]: " + re.escape(fragment)):
+        build_datasets(DataConfig(train=[row], columns=columns), tiny_tokenizer)
+
+
+def test_empty_seq2seq_target_is_refused():
+    from peftkit.data import read_train_samples
+    from peftkit.methods.base import TaskType
+    from peftkit.tasks import get_task
+
+    rows = [{"source": "a", "target": "b"}, {"source": "c", "target": ""}]
+    with pytest.raises(DataError, match=r"data\.train\[1\]: field 'target' is empty"):
+        read_train_samples(DataConfig(train=rows), get_task(TaskType.SEQ_2_SEQ_LM))
+
+
+def _turns(*roles, empty=None):
+    return {"messages": [{"role": r, "content": "" if i == empty else f"m{i}"} for i, r in enumerate(roles)]}
+
+
+@pytest.mark.parametrize(
+    ("row", "fragment"),
+    [
+        (_turns("user", "user", "assistant"), "messages 0 and 1 are both user turns"),
+        (_turns("user", "assistant", "assistant"), "messages 1 and 2 are both assistant turns"),
+        (_turns("user", "system", "assistant"), "message 1 (system) comes after a user message"),
+        (_turns("system", "assistant", "user", "assistant"), "message 1 (assistant) comes before any user"),
+        (_turns("user", "assistant", "user"), "the conversation ends with a user message"),
+        (_turns("user", "tool", "assistant"), "message 1 (tool) follows user"),
+        (_turns("user", "assistant", "tool", "user", "assistant"), "message 3 (user) follows a tool result"),
+        (_turns("system", "user", "assistant", empty=1), "message 1 (user) has empty content"),
+        (_turns("system", "user", "assistant", empty=0), "message 0 (system) has empty content"),
+        (_turns("user", "assistant", empty=1), "message 1 (assistant) has empty content"),
+    ],
+)
+def test_chat_turn_order_and_empty_content_are_row_errors(tmp_path, tiny_tokenizer, row, fragment):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: {fragment}")):
+        build_datasets(DataConfig(train=str(path)), tiny_tokenizer)
+    data = build_datasets(DataConfig(train=str(path), skip_bad_rows=True), tiny_tokenizer)
+    assert len(data.train) == 1 and data.report.skipped == 1
+
+
+def test_valid_turn_orders_are_accepted(tiny_tokenizer):
+    for row in (
+        _turns("system", "developer", "user", "assistant"),
+        _turns("user", "assistant", "tool", "tool", "assistant", "user", "assistant"),
+        _turns("user", "assistant", "ipython", "assistant", empty=2),  # an empty tool result is a result
+    ):
+        assert one([row], tiny_tokenizer).answer.startswith("m")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -217,3 +218,33 @@ def test_json_document_errors(tmp_path, tiny_tokenizer):
 def test_in_memory_rows_name_their_index(tiny_tokenizer):
     with pytest.raises(DataError, match=r"data\.train\[1\]: expected a dict of fields, got str"):
         encode([ROWS[0], "oops"], tiny_tokenizer)
+
+
+def test_columns_the_format_does_not_read_warn_once_per_file(tmp_path, tiny_tokenizer):
+    path = write_jsonl(
+        tmp_path / "labelled.jsonl", [{"text": f"tweet {i}", "label": "pos"} for i in range(3)]
+    )
+    with pytest.warns(UserWarning) as record:
+        encode(str(path), tiny_tokenizer)
+    (warning,) = [w for w in record if "not read" in str(w.message)]
+    assert f"{path}: column 'label' is not read by format text, so ignored" in str(warning.message)
+    assert "set task: SEQ_CLS" in str(warning.message)
+    # A column of a later row only is named too; one warning names them all.
+    rows = [*ROWS, {"prompt": "p", "completion": "c", "source": "web", "id": 7}]
+    with pytest.warns(
+        UserWarning, match=r"data\.train .*columns 'id', 'source' are not read by format prompt_completion"
+    ):
+        encode(rows, tiny_tokenizer)
+
+
+def test_columns_read_through_mappings_and_templates_do_not_warn(tiny_tokenizer):
+    from peftkit.data import read_train_samples
+    from peftkit.methods.base import TaskType
+    from peftkit.tasks import get_task
+
+    rows = [{"q": "2+2=", "a": "4", "topic": "maths"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode(ROWS, tiny_tokenizer)
+        encode(rows, tiny_tokenizer, prompt_template="{topic}: {q}", columns={"completion": "a"})
+        read_train_samples(DataConfig(train=[{"text": "t", "label": "pos"}]), get_task(TaskType.SEQ_CLS))

@@ -147,7 +147,9 @@ def test_adapter_records_a_relative_base_directory_as_absolute(
     tiny_model_dir, data_file, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tiny_model_dir.parent)
-    run_training(job(Path(tiny_model_dir.name), data_file, tmp_path, max_steps=1), progress=False)
+    run_training(
+        job(Path(tiny_model_dir.name), data_file, tmp_path, max_steps=1, warmup_steps=0), progress=False
+    )
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
 

@@ -156,8 +156,9 @@ def _load_with_class(
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)``: ``base`` loaded with the transformers class ``model_cls`` (eval mode)."""
     import transformers
+    from safetensors import SafetensorError
 
-    from peftkit.models import ensure_pad_token, parse_dtype, resolve_model_dir
+    from peftkit.models import ensure_pad_token, parse_dtype, resolve_model_dir, unreadable_weights
 
     model_dir = resolve_model_dir(base)
     common = {"trust_remote_code": trust_remote_code}
@@ -168,6 +169,8 @@ def _load_with_class(
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, **common)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load base model {base}: {err}") from err
+    except SafetensorError as err:  # a weights file cut short, as load_model_and_tokenizer reports it
+        raise unreadable_weights(model_dir, err) from err
     ensure_pad_token(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -137,7 +137,7 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"'{where}' must be an integer, got {value!r}")
+            problems.append(f"'{where}' must be an integer, got {value!r}{_integer_hint(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -148,6 +148,19 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"'{where}' must be a string, got {value!r}")
         return value
     return value
+
+
+def _integer_hint(value: Any) -> str:
+    """Why a number given for an integer field was refused (nothing for a bool or a word)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    if isinstance(value, str):  # PyYAML reads 1e15 (no dot) and 1.0e15 (no exponent sign) as text
+        return ": YAML reads a number in exponent form as text; write the integer in digits (e.g. 100000)"
+    return ": a float is not accepted for a count; write a whole number in digits, without '.' or exponent"
 
 
 def _build(cls: type[T], data: dict[str, Any], prefix: str, problems: list[str]) -> T:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from peftkit.configuration import ConfigError, closest
 from peftkit.errors import ModelLoadError
@@ -142,6 +143,8 @@ def load_model_and_tokenizer(
         )
     except (OSError, ValueError) as err:
         raise ModelLoadError(_explain_load_error(name_or_path, model_dir, err)) from err
+    except SafetensorError as err:  # a weights file cut short (a copy or download still running)
+        raise unreadable_weights(model_dir, err) from err
     if quantization is not None:
         from peftkit.quantization import check_cpu_4bit_layers, keep_trainable_4bit_layout
 
@@ -269,11 +272,11 @@ def _download(repo_id: str) -> Path:
 
 
 def _explain_load_error(name: object, model_dir: Path, err: Exception) -> str:
-    text = str(err)
+    text = " ".join(str(err).split())  # one line: transformers' messages span several
     if "trust_remote_code" in text:
         return (
-            f"{name} contains custom model code. If you trust that code, pass trust_remote_code=True "
-            f"(CLI: --trust-remote-code). transformers said: {text}"
+            f"{name} contains custom model code (Python files its config.json names), which runs only "
+            "if you trust it: pass --trust-remote-code (Python: trust_remote_code=True)"
         )
     if not any(model_dir.glob("*.safetensors")):
         return (
@@ -284,12 +287,24 @@ def _explain_load_error(name: object, model_dir: Path, err: Exception) -> str:
     return f"could not load the model or tokenizer from {model_dir}: {text}"
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: the GPU if there is one (CUDA, then Apple MPS), else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def unreadable_weights(model_dir: Path, err: Exception) -> ModelLoadError:
+    """The error naming which of ``model_dir``'s safetensors files cannot be parsed."""
+    from safetensors import safe_open
+
+    from peftkit.serialization import unreadable_safetensors
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as bad:
+            return unreadable_safetensors(path, bad)
+    return unreadable_safetensors(model_dir, err)
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """``auto``: the GPU if there is one (CUDA, then Apple MPS), else the CPU. A device this machine
+    lacks is a ``ConfigError`` naming ``key`` and the devices it has (``peftkit.preflight``)."""
+    from peftkit.preflight import resolve_device as checked
+
+    return checked(name, key)

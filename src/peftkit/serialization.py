@@ -196,6 +196,17 @@ def load_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor
     )
 
 
+def check_finite_adapter(directory: str | os.PathLike, action: str) -> None:
+    """Refuse (before any base model loads) an adapter whose saved weights hold NaN or inf."""
+    bad = [key for key, t in load_adapter_weights(directory).items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ModelLoadError(
+            f"adapter {directory} has NaN or inf values in {len(bad)} tensor(s) ({_sample(bad, 3)}); "
+            f"refusing to {action} it: the run that saved it diverged. Use an earlier checkpoint or "
+            "retrain (e.g. with a lower learning rate)"
+        )
+
+
 def load_peft_weights(
     model_id: str | os.PathLike,
     device: str | torch.device | None = None,

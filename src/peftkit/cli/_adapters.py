@@ -179,6 +179,7 @@ def load_model_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[s
     from peftkit.cli._model_args import load_model_from_args, read_adapter_config
     from peftkit.models import load_model_and_tokenizer, resolve_device
 
+    resolve_device(args.device, "--device")  # a device this machine lacks: refused before loading
     specs = adapter_specs(args.adapter)
     if not specs:
         model, tokenizer = load_model_from_args(argparse.Namespace(**{**vars(args), "adapter": None}))
@@ -217,7 +218,7 @@ def load_model_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[s
                 f"cannot load adapter {name!r} ({directory}) next to {first!r}: {err}"
             ) from err
         _check_embeddings_unchanged(model, before, name, directory)
-    model.to(resolve_device(args.device))
+    model.to(resolve_device(args.device, "--device"))
     model.eval()
     return model, tokenizer, [name for name, _ in specs]
 

@@ -11,10 +11,10 @@ is replaced only with ``--overwrite``, and never when it is, holds or lies insid
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from pathlib import Path
 
-from peftkit.cli._model_args import ADAPTER_CONFIG, adapter_base_model, check_out_dir
+from peftkit.cli._model_args import adapter_base_model, check_out_dir, read_adapter_config
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora.weighted import COMBINATION_TYPES
 
@@ -81,10 +81,12 @@ def _check_adapters(dirs: list[str], weights: list[float]) -> str:
         raise PeftkitError(
             f"got {len(weights)} weight(s) for {len(dirs)} adapter(s); give one --weights value each"
         )
+    if not all(math.isfinite(w) for w in weights):
+        raise PeftkitError(f"--weights must be finite numbers, got {' '.join(map(str, weights))}")
     bases = {}
     for directory in dirs:
         base = adapter_base_model(directory)  # also checks that adapter_config.json exists
-        peft_type = json.loads((Path(directory) / ADAPTER_CONFIG).read_text()).get("peft_type")
+        peft_type = read_adapter_config(directory).get("peft_type")
         if str(peft_type).upper() != "LORA":
             raise PeftkitError(f"only LoRA adapters can be combined; {directory} is a {peft_type} adapter")
         path = Path(base)
@@ -99,12 +101,19 @@ def _check_adapters(dirs: list[str], weights: list[float]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from peftkit import PeftModel
+    from peftkit.configuration import ConfigError
     from peftkit.io import atomic_dir
     from peftkit.models import load_model_and_tokenizer
+    from peftkit.preflight import writable_dir_problem
+    from peftkit.serialization import check_finite_adapter
 
     out = Path(args.out)
     check_out_dir(out, args.adapters, overwrite=args.overwrite)
+    if problem := writable_dir_problem(out, "--out"):
+        raise ConfigError(problem, "command line")
     base = _check_adapters(args.adapters, args.weights)
+    for directory in args.adapters:  # before the base model loads
+        check_finite_adapter(directory, "combine")
     model, _ = load_model_and_tokenizer(base, trust_remote_code=args.trust_remote_code)
     names = [f"source_{i}" for i in range(len(args.adapters))]
     peft_model = PeftModel.from_pretrained(model, args.adapters[0], adapter_name=names[0])

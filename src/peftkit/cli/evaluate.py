@@ -36,14 +36,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from peftkit.cli._model_args import load_model_from_args
+    from peftkit.cli._model_args import load_model_from_args, read_adapter_config
+    from peftkit.configuration import ConfigError
     from peftkit.data import check_sources, count_rows, load_split
     from peftkit.io import write_json
     from peftkit.models import bf16_supported
+    from peftkit.preflight import device_problem, writable_file_problem
     from peftkit.tasks import get_task, load_task
     from peftkit.train.config import build_job_config, load_job_config
 
-    job = load_job_config(args.config, args.overrides) if args.config else build_job_config({})
+    problems = [device_problem(args.device, "--device")]
+    problems.append(writable_file_problem(args.json, "--json") if args.json else None)
+    for option, value in [("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)]:
+        problems.append(
+            f"{option} must be at least 1, got {value}" if value is not None and value < 1 else None
+        )
+    if any(problems):  # before anything is read or loaded
+        raise ConfigError([p for p in problems if p], "command line")
+    job = (
+        load_job_config(args.config, args.overrides, for_training=False)
+        if args.config
+        else build_job_config({})
+    )
     data_cfg = job.data
     split = args.split
     if args.data:
@@ -59,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         args.base_model = job.base_model
     args.trust_remote_code = args.trust_remote_code or job.trust_remote_code
 
+    if args.adapter and Path(args.adapter).is_dir():
+        read_adapter_config(args.adapter)  # an unreadable adapter_config.json, named
     task = load_task(args.adapter, default=job.task) if args.adapter else get_task(job.task)
     check_sources(data_cfg, (split,), task=task)  # before the model loads
     if task.labels is None:
@@ -72,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         autocast_dtype = torch.bfloat16
-    batch_size = args.batch_size or job.evaluation.batch_size
+    batch_size = args.batch_size if args.batch_size is not None else job.evaluation.batch_size
     # count_rows: a QA row split into several windows is one example
     what = f"{'base + adapter ' + args.adapter if args.adapter else 'base model'} on {count_rows(examples)} {split} examples"
     print(f"Evaluating {what} (task {task.task_type.value})")
     eval_cfg = job.evaluation
-    if args.max_new_tokens:
+    if args.max_new_tokens is not None:
         eval_cfg = dataclasses.replace(eval_cfg, max_new_tokens=args.max_new_tokens)
     metrics = task.eval_metrics(
         model, tokenizer, examples, eval_cfg=eval_cfg, autocast_dtype=autocast_dtype, batch_size=batch_size

@@ -30,6 +30,7 @@ from peftkit.cli._model_args import (
     sampling_kwargs,
 )
 from peftkit.configuration import ConfigError
+from peftkit.errors import not_utf8_message
 
 HELP = "Generate completions for prompts with a base model and optional adapters (one per prompt if wanted)."
 _DEFAULT = object()  # a prompt that names no adapter: --use-adapter's
@@ -146,10 +147,14 @@ def read_prompts(path: str) -> list[str]:
 def read_prompt_rows(path: str) -> list[Prompt]:
     """:class:`Prompt` rows of a text file (one per non-blank line) or a .jsonl file: a string, or
     ``{"prompt": ..., "adapter": NAME}`` per line (no "adapter" key: the default adapter)."""
+    raw = b""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        text = sys.stdin.read() if path == "-" else (raw := Path(path).read_bytes()).decode("utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read --prompts-file {path}: {err.strerror}", "command line") from err
+    except UnicodeDecodeError as err:
+        message = not_utf8_message(path, raw, err) if raw else f"<stdin> cannot be decoded: {err}"
+        raise ConfigError(f"--prompts-file {message}", "command line") from None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     source = "<stdin>" if path == "-" else path
     if not path.endswith(".jsonl"):

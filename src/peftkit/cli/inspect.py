@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from collections import Counter, defaultdict
 
+from peftkit.errors import ModelLoadError
+
 HELP = "Show a model's targetable modules and the trainable / total parameters a config would give."
 
 
@@ -33,11 +35,21 @@ def build_meta_model(name_or_path: str, *, trust_remote_code: bool):
     from peftkit.models import hub_offline, resolve_model_dir
 
     model_dir = resolve_model_dir(name_or_path)
-    config = transformers.AutoConfig.from_pretrained(
-        model_dir, trust_remote_code=trust_remote_code, local_files_only=hub_offline()
-    )
-    with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            model_dir, trust_remote_code=trust_remote_code, local_files_only=hub_offline()
+        )
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # config.json unreadable, unknown or remote-code architecture
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(
+                f"{name_or_path} contains custom model code; if you trust it, pass --trust-remote-code"
+            ) from err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"cannot build {name_or_path} from {model_dir}/config.json: {first_line}"
+        ) from err
 
 
 def describe_targets(model, names: list[str]) -> list[str]:

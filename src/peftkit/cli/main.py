@@ -46,9 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PeftkitError) as err:
         print(f"peftkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the disk or file system refused (full, read-only, no permission, ...)
+        print(f"peftkit {args.command}: error: {os_error_message(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"peftkit {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an operating-system error: what failed, on which path, and the errno name."""
+    import errno
+
+    reason = err.strerror or str(err) or type(err).__name__
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    where = f" ({' -> '.join(paths)})" if paths else ""
+    code = f" [{errno.errorcode.get(err.errno, err.errno)}]" if err.errno else ""
+    return f"{reason}{where}{code}".replace("\n", " ")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from peftkit.cli._model_args import check_out_dir
+from peftkit.cli._model_args import check_out_dir, read_adapter_config
+from peftkit.errors import PeftkitError
 
 HELP = "Merge an adapter into its base model and save a standalone transformers model directory."
 
@@ -55,8 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from peftkit.configuration import ConfigError
+    from peftkit.preflight import writable_dir_problem
+
     out = Path(args.out_dir)
     check_out_dir(out, [args.adapter_dir], overwrite=args.overwrite)
+    if problem := writable_dir_problem(out, "OUT_DIR"):
+        raise ConfigError(problem, "command line")
     merge_adapter(
         args.adapter_dir,
         out,
@@ -82,13 +88,19 @@ def merge_adapter(
     from peftkit.auto import load_adapter_with_base
     from peftkit.io import atomic_dir
     from peftkit.models import parse_dtype
-    from peftkit.serialization import resolve_adapter_dir
+    from peftkit.serialization import check_finite_adapter, resolve_adapter_dir
 
+    directory = resolve_adapter_dir(adapter_dir)
+    read_adapter_config(directory)  # a run directory: "did you mean RUN/adapter?"
+    check_finite_adapter(directory, "merge")  # before the base model loads
     peft_model, tokenizer = load_adapter_with_base(
-        adapter_dir, base_model=base_model, task=None, dtype="float32", trust_remote_code=trust_remote_code
+        directory, base_model=base_model, task=None, dtype="float32", trust_remote_code=trust_remote_code
     )
-    model = peft_model.merge_and_unload(safe_merge=safe_merge)
-    _set_label_names(model.config, resolve_adapter_dir(adapter_dir))
+    try:
+        model = peft_model.merge_and_unload(safe_merge=safe_merge)
+    except ValueError as err:  # e.g. merged weights that overflow to inf (safe_merge); nothing written
+        raise PeftkitError(f"cannot merge {adapter_dir}: {err}") from err
+    _set_label_names(model.config, directory)
     model.to(parse_dtype(dtype))
     model.config.dtype = parse_dtype(dtype)
     with atomic_dir(out_dir, overwrite=True) as tmp:

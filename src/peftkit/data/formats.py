@@ -26,6 +26,11 @@ class RowError(ValueError):
     """A problem with one row; the caller adds the row's origin (or skips the row)."""
 
 
+class EmptyRowError(RowError):
+    """A row with nothing to learn (an empty completion or text): the loader counts these rows
+    of a file and refuses them together, or skips them with ``skip_bad_rows``."""
+
+
 @dataclass
 class Sample:
     """A row in a format-independent shape: ``messages`` (role/content dicts) or ``text``.
@@ -114,7 +119,12 @@ def to_sample(record: Record, fmt: str, cfg: DataConfig) -> Sample:
     if fmt in TASK_FORMATS:
         return Sample(record.origin, fields=TASK_FORMATS[fmt](row, cfg))
     if fmt == "text":
-        return Sample(record.origin, text=_text(row, "text", cfg))
+        text = _text(row, "text", cfg)
+        if not text.strip():
+            raise EmptyRowError(
+                f"{_where('text', cfg.columns.get('text', 'text'))} is empty: nothing to train on"
+            )
+        return Sample(record.origin, text=text)
     if fmt == "chat":
         messages = _messages(row, cfg)
     else:
@@ -124,10 +134,45 @@ def to_sample(record: Record, fmt: str, cfg: DataConfig) -> Sample:
         completion = _format(cfg.completion_template, row, "completion_template")
         if completion is None:
             completion = _text(row, "output" if fmt == "instruction" else "completion", cfg)
+        _check_answer(prompt, completion, fmt, cfg)
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     if cfg.system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
     return Sample(record.origin, messages=messages)
+
+
+def _check_answer(prompt: str, completion: str, fmt: str, cfg: DataConfig) -> None:
+    """An empty (or blank) completion leaves no answer tokens to learn under train_on: completion."""
+    if completion.strip():
+        return
+    name = "output" if fmt == "instruction" else "completion"
+    what = (
+        "data.completion_template gives an empty completion"
+        if cfg.completion_template is not None
+        else f"{_where(name, cfg.columns.get(name, name))} is empty"
+    )
+    if not prompt.strip():
+        raise EmptyRowError(f"{what} and so is the prompt: the row has nothing to train on")
+    if cfg.train_on == "completion":
+        raise EmptyRowError(f"{what}: with data.train_on: completion the row trains on nothing")
+
+
+def read_columns(fmt: str, cfg: DataConfig) -> set[str]:
+    """The row columns that format ``fmt`` reads under ``cfg`` (``columns`` and templates applied)."""
+    fields = [f.strip("[]") for f in FORMAT_FIELDS[fmt]]
+    if fmt in ("instruction", "prompt_completion"):
+        prompt_fields = ["instruction", "input"] if fmt == "instruction" else ["prompt"]
+        completion_field = "output" if fmt == "instruction" else "completion"
+        used: set[str] = set()
+        for template, replaced in (
+            (cfg.prompt_template, prompt_fields),
+            (cfg.completion_template, [completion_field]),
+        ):
+            if template is not None:
+                fields = [f for f in fields if f not in replaced]
+                used.update(template_fields(template))
+        return used | {cfg.columns.get(f, f) for f in fields}
+    return {cfg.columns.get(f, f) for f in fields}
 
 
 def _instruction_prompt(row: dict[str, Any], cfg: DataConfig) -> str:
@@ -212,7 +257,50 @@ def _messages(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
     if not any(m["role"] == "assistant" for m in messages):
         roles = ", ".join(m["role"] for m in messages)
         raise RowError(f"conversation has no assistant message to learn from (roles: {roles})")
+    _check_turns(messages)
     return messages
+
+
+_SYSTEM_ROLES = ("system", "developer")
+_TOOL_ROLES = ("tool", "ipython")
+
+
+def _check_turns(messages: list[dict[str, str]]) -> None:
+    """The order chat templates and models expect: system messages first, then user and assistant
+    alternating (an assistant turn may be followed by tool results, then the assistant again),
+    ending with the assistant's answer; no empty content except in a tool result."""
+    previous: str | None = None
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role not in _TOOL_ROLES and not message["content"].strip():
+            raise RowError(f"message {i} ({role}) has empty content: fill it in or remove the message")
+        if role in _SYSTEM_ROLES and previous not in (None, *_SYSTEM_ROLES):
+            raise RowError(
+                f"message {i} ({role}) comes after a {previous} message: a system message must be first"
+            )
+        if role == previous and role in ("user", "assistant"):
+            raise RowError(
+                f"messages {i - 1} and {i} are both {role} turns: user and assistant turns must alternate "
+                "(merge the two messages into one)"
+            )
+        if role == "user" and previous in _TOOL_ROLES:
+            raise RowError(f"message {i} (user) follows a {previous} result that no assistant turn answers")
+        if role == "assistant" and previous in (None, *_SYSTEM_ROLES):
+            raise RowError(
+                f"message {i} (assistant) comes before any user message: after the system message a "
+                "conversation starts with a user turn"
+            )
+        if role in _TOOL_ROLES and previous not in ("assistant", *_TOOL_ROLES):
+            raise RowError(
+                f"message {i} ({role}) follows {previous or 'nothing'}: a tool result follows the "
+                "assistant message that called the tool"
+            )
+        previous = role
+    if previous != "assistant":
+        raise RowError(
+            f"the conversation ends with a {previous} message: a training row ends with the assistant's "
+            "answer (remove the trailing message, or add the answer)"
+        )
 
 
 def _message(message: Any, index: int) -> dict[str, str]:

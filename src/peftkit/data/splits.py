@@ -14,6 +14,7 @@ Order of operations (why it matters)::
 from __future__ import annotations
 
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,16 @@ from peftkit.data.builtin import apply_builtin_defaults, get_builtin, is_builtin
 from peftkit.data.chat import has_chat_template
 from peftkit.data.config import DataConfig
 from peftkit.data.encode import Encoder, Example
-from peftkit.data.formats import LM_FORMATS, RowError, Sample, check_templates, detect_format, to_sample
+from peftkit.data.formats import (
+    LM_FORMATS,
+    EmptyRowError,
+    RowError,
+    Sample,
+    check_templates,
+    detect_format,
+    read_columns,
+    to_sample,
+)
 from peftkit.data.readers import Record, check_data_file, read_file, read_rows
 from peftkit.errors import DataError
 
@@ -39,6 +49,7 @@ class DataReport:
     sources: dict[str, str] = field(default_factory=dict)
     rows_read: int = 0
     skipped: int = 0
+    empty: int = 0  # of the skipped rows, those with nothing to train on (e.g. an empty completion)
     skip_reasons: list[str] = field(default_factory=list)
     truncated: int = 0
     dropped: int = 0
@@ -71,7 +82,8 @@ class DataReport:
                 f"  dropped (no trained token left after truncation): {self.dropped:,} (e.g. {first})"
             )
         if self.skipped:
-            lines.append(f"  skipped malformed rows: {self.skipped:,}")
+            empty = f" ({self.empty:,} with nothing to train on)" if self.empty else ""
+            lines.append(f"  skipped malformed rows: {self.skipped:,}{empty}")
             lines += [f"    {reason}" for reason in self.skip_reasons]
         return "\n".join(lines)
 
@@ -119,6 +131,8 @@ class _Loader:
         fmt = None
         samples: list[Sample] = []
         skipped_before = self.report.skipped
+        empty: list[tuple[str, str]] = []  # (origin, reason) of rows with nothing to train on
+        columns: set[str] = set()  # every column of the source, to name the ones the format ignores
         for record in records:
             self.report.rows_read += 1
             if record.problem is not None:
@@ -127,10 +141,21 @@ class _Loader:
             if fmt is None:
                 fmt = detect_format(self.cfg, record, self.formats)
                 check_templates(self.cfg, record)
+            columns.update(record.data)
             try:
                 samples.append(to_sample(record, fmt, self.cfg))
+            except EmptyRowError as err:
+                if self.cfg.skip_bad_rows:
+                    self.report.empty += 1
+                    self.bad_row(record.origin, str(err))
+                else:  # counted to the end of the file, then refused together
+                    empty.append((record.origin, str(err)))
             except RowError as err:
                 self.bad_row(record.origin, str(err))
+        if empty:
+            raise DataError(_empty_rows_message(empty, label))
+        if fmt is not None and not is_builtin(source):  # a built-in's defaults choose its columns
+            _warn_unread_columns(columns - read_columns(fmt, self.cfg), fmt, label)
         if not samples:
             skipped = self.report.skipped - skipped_before
             why = f"all {skipped} rows were malformed and skipped" if skipped else "it has no rows"
@@ -170,6 +195,34 @@ class _Loader:
                 f"{', '.join(self.encoder.stats.dropped_origins[:2])}); raise data.max_seq_len or shorten the prompts"
             )
         return examples
+
+
+def _empty_rows_message(empty: list[tuple[str, str]], label: str) -> str:
+    """The first row with nothing to train on, and how many more of the source are like it."""
+    first, reason = empty[0]
+    if len(empty) == 1:
+        return f"{first}: {reason}; fill in or remove the row, or set data.skip_bad_rows: true to skip it"
+    origins = ", ".join(origin for origin, _ in empty[:_MAX_REASONS]) + (
+        ", ..." if len(empty) > _MAX_REASONS else ""
+    )
+    return (
+        f"{first}: {reason}; {len(empty)} rows of {label} have nothing to train on ({origins}): fill "
+        "them in or remove them, or set data.skip_bad_rows: true to skip them"
+    )
+
+
+def _warn_unread_columns(unread: set[str], fmt: str, label: str) -> None:
+    """Once per source: columns no field of ``fmt`` reads are dropped, which may not be meant."""
+    if not unread:
+        return
+    names = ", ".join(repr(str(c)) for c in sorted(unread, key=str))
+    hint = "map a column to a field with data.columns" + (
+        ", or use it in data.prompt_template" if fmt in ("instruction", "prompt_completion") else ""
+    )
+    if "label" in unread and fmt in LM_FORMATS:
+        hint = "to train a classifier on 'label', set task: SEQ_CLS; otherwise " + hint
+    what = f"column {names} is" if len(unread) == 1 else f"columns {names} are"
+    warnings.warn(f"{label}: {what} not read by format {fmt}, so ignored ({hint})", stacklevel=4)
 
 
 def count_rows(examples: list[Any]) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from peftkit.data.config import DataConfig
-from peftkit.data.formats import RowError, _missing, _optional_text, _text
+from peftkit.data.formats import EmptyRowError, RowError, _missing, _optional_text, _text
 
 
 def _label(row: dict[str, Any], name: str, cfg: DataConfig) -> str:
@@ -96,7 +96,10 @@ def qa(row: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
 
 
 def source_target(row: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
-    return {"source": _text(row, "source", cfg), "target": _text(row, "target", cfg)}
+    target = _text(row, "target", cfg)
+    if not target.strip():
+        raise EmptyRowError("field 'target' is empty: the row has nothing to train on")
+    return {"source": _text(row, "source", cfg), "target": target}
 
 
 TASK_FORMATS: dict[str, Callable[[dict[str, Any], DataConfig], dict[str, Any]]] = {

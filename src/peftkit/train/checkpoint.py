@@ -17,6 +17,7 @@ run resumes in any number of processes. Under FSDP every rank takes part in gath
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import re
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peftkit.errors import PeftkitError
@@ -158,18 +160,50 @@ def save_checkpoint(
         python_rng=_python_rng_to_json(),
         numpy_rng=_numpy_rng_to_json(),
     )
-    with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-        save_file(trainable, str(tmp / TRAINABLE_FILE))
-        if tuner_state:  # e.g. AdaLoRA's sensitivity averages
-            save_file(tuner_state, str(tmp / TUNER_STATE_FILE))
-        # The state file goes last: its presence is what marks a checkpoint as complete.
-        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1, default=_json_default))
+    try:
+        with atomic_dir(final) as tmp:  # a failed write removes the partial directory
+            model.save_pretrained(tmp / "adapter", state_dict=adapter_state)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+            save_file(trainable, str(tmp / TRAINABLE_FILE))
+            if tuner_state:  # e.g. AdaLoRA's sensitivity averages
+                save_file(tuner_state, str(tmp / TUNER_STATE_FILE))
+            # The state file goes last: its presence is what marks a checkpoint as complete.
+            (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1, default=_json_default))
+    except (OSError, SafetensorError) as err:
+        if _errno(err) != errno.ENOSPC:
+            raise
+        size = sum(_nbytes(group) for group in (tensors, rng, trainable, trainable, tuner_state))
+        raise _disk_full(output_dir, step, final, size) from err
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _errno(err: Exception) -> int | None:
+    """The OS error number of ``err``; safetensors reports a failed write as text: "(os error 28)"."""
+    if isinstance(err, OSError):
+        return err.errno
+    found = re.search(r"os error (\d+)", str(err))
+    return int(found.group(1)) if found else None
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _disk_full(output_dir: str | Path, step: int, final: Path, size: int) -> PeftkitError:
+    """The error for a checkpoint that did not fit on the disk (its partial directory is gone)."""
+    last = latest_checkpoint(output_dir)
+    resume = (
+        f"the last complete checkpoint is step {int(_NAME.match(last.name).group(1))}"
+        if last is not None
+        else "there is no complete checkpoint yet, so --resume starts from step 0"
+    )
+    return PeftkitError(
+        f"no space left on device while writing checkpoint step {step} to {final} (needs about "
+        f"{max(size / 2**20, 0.1):.1f} MB); {resume}; free space and run with --resume"
+    )
 
 
 def _json_default(value: Any) -> Any:

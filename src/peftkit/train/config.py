@@ -21,6 +21,7 @@ through the method registry, so a new method needs no change here.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,11 @@ from peftkit.data import DataConfig
 from peftkit.methods.base import TaskType
 from peftkit.quantization import QuantizationConfig
 from peftkit.train.tokens import TokensConfig
+from peftkit.train.yaml_file import read_yaml
+
+# numpy's seed range; torch's is 2**64, but the data order seeds it with seed * 1_000_003 + epoch
+SEED_LIMIT = 2**32
+MANY_STEPS = 10_000_000  # more optimizer steps than this in one run is a warning: surely a mistyped value
 
 
 @dataclass
@@ -85,7 +91,9 @@ class TrainingConfig:
             "slow for short sequences (measured 1.4x faster training for SmolLM2-135M at 64 tokens)."
         },
     )
-    seed: int = field(default=42, metadata={"help": "Seed for adapter init, data order and dropout."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed for adapter init, data order and dropout: 0 .. 2**32 - 1."}
+    )
     group_by_length: bool = field(
         default=True,
         metadata={"help": "Batch examples of similar length together (less padding), order still seeded."},
@@ -150,8 +158,9 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and value < (0 if name == "warmup_steps" else 1):
                 problems.append(f"'training.{name}' must be positive, got {value}")
-        if self.max_steps is None and self.epochs <= 0:
-            problems.append("'training.epochs' must be > 0 (or set 'training.max_steps')")
+        if self.epochs <= 0:  # refused with max_steps too: it decides nothing there, so it is a slip
+            problems.append(f"'training.epochs' must be > 0, got {self.epochs:g}")
+        problems.extend(self._length_problems())
         if self.learning_rate <= 0:
             problems.append(f"'training.learning_rate' must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
@@ -177,6 +186,30 @@ class TrainingConfig:
             problems.append(f"'training.adam_betas' must have two values, got {self.adam_betas}")
         elif not all(0 <= beta < 1 for beta in self.adam_betas):
             problems.append(f"'training.adam_betas' must both be in [0, 1), got {self.adam_betas}")
+        return problems
+
+    def _length_problems(self) -> list[str]:
+        """Seed range and run length: what type-checks but cannot be meant."""
+        problems = []
+        if isinstance(self.seed, int) and not 0 <= self.seed < SEED_LIMIT:
+            problems.append(
+                f"'training.seed' must be in 0 .. 2**32 - 1, got {self.seed} (it seeds torch, numpy and "
+                "the data order; there is no 'random seed' value: pick any number in that range)"
+            )
+        steps, warmup = self.max_steps, self.warmup_steps
+        if isinstance(steps, int) and steps >= 1:
+            if isinstance(warmup, int) and warmup > steps:
+                problems.append(
+                    f"'training.warmup_steps' ({warmup}) is more than 'training.max_steps' ({steps}): the "
+                    "learning rate would still be warming up when the run ends; lower warmup_steps or "
+                    "use warmup_ratio"
+                )
+            if steps > MANY_STEPS:
+                warnings.warn(
+                    f"'training.max_steps' is {steps:,}, more than {MANY_STEPS:,} optimizer steps: "
+                    "check the value (e.g. a missing unit or extra zeros)",
+                    stacklevel=2,
+                )
         return problems
 
 
@@ -314,42 +347,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error: YAML
-    would keep the last value silently, and the first one is usually the one the user edited."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor` merges may be overridden by explicit keys, as YAML allows
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}): keep one", None
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path} must hold a mapping of options at the top level, got {type(data).__name__}"
-        )
-    return data
-
-
 def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> TrainJobConfig:
     """Validate a job mapping (YAML data after overrides); every problem is reported at once."""
     from peftkit.methods import get_method, list_methods
@@ -409,6 +406,11 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
                 f"(its layers need full-precision weights): use one of {', '.join(able) or 'none'}, "
                 "or set quantization: null"
             )
+    if job is not None and not job.output_dir.strip():
+        problems.append(
+            "'output_dir' is empty, which would write the run into the current directory: set it to a "
+            "directory such as runs/my-run (or '.' to mean the current directory)"
+        )
     if job is not None and job.training.packing:
         problems.extend(_packing_problems(job, method, spec, methods))
     if job is not None and job.distributed == "fsdp":
@@ -485,6 +487,15 @@ def _normalise_task(raw: dict[str, Any]) -> list[str]:
     return []
 
 
-def load_job_config(path: str | Path, overrides: list[str] | None = None) -> TrainJobConfig:
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    return build_job_config(raw, source=str(path))
+def load_job_config(
+    path: str | Path, overrides: list[str] | None = None, *, for_training: bool = True
+) -> TrainJobConfig:
+    """The job in YAML file ``path`` with ``--set`` ``overrides``, validated before any model loads;
+    ``for_training`` also checks this machine (``peftkit.preflight``; ``peftkit eval`` skips it)."""
+    job = build_job_config(apply_overrides(read_yaml(path), overrides or []), source=str(path))
+    if for_training:
+        from peftkit.preflight import training_machine_problems
+
+        if problems := training_machine_problems(job.training.device, job.output_dir):
+            raise ConfigError(problems, str(path))
+    return job

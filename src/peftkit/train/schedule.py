@@ -4,9 +4,12 @@ run's number of optimizer steps."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
+
+from peftkit.train.config import MANY_STEPS
 
 if TYPE_CHECKING:
     from peftkit.train.config import TrainJobConfig
@@ -32,6 +35,14 @@ def warmup_steps(training, total: int) -> int:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, training, total: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    if training.warmup_steps is not None and training.warmup_steps > total:
+        # With max_steps set this is a config error; with epochs the total is known only now.
+        warnings.warn(
+            f"training.warmup_steps ({training.warmup_steps}) is more than the run's {total} optimizer "
+            "steps: the learning rate warms up over the whole run and never decays; lower "
+            "warmup_steps or use warmup_ratio",
+            stacklevel=2,
+        )
     warmup = warmup_steps(training, total)
 
     def factor(step: int) -> float:
@@ -46,5 +57,12 @@ def total_optimizer_steps(job: TrainJobConfig, batches_per_epoch: int) -> int:
     """The run's optimizer steps: ``training.max_steps``, or its epochs of micro-batches."""
     t = job.training
     if t.max_steps is not None:
-        return t.max_steps
-    return max(1, math.ceil(t.epochs * batches_per_epoch / t.gradient_accumulation_steps))
+        return t.max_steps  # a huge max_steps was already a warning when the config was read
+    total = max(1, math.ceil(t.epochs * batches_per_epoch / t.gradient_accumulation_steps))
+    if total > MANY_STEPS:
+        warnings.warn(
+            f"training.epochs ({t.epochs:g}) of {batches_per_epoch:,} micro-batches make {total:,} optimizer "
+            f"steps, more than {MANY_STEPS:,}: check training.epochs (or set training.max_steps)",
+            stacklevel=2,
+        )
+    return total
