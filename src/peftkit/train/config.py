@@ -26,14 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from peftkit.configuration import ConfigError, closest, from_dict, to_dict, unknown_key_message
 from peftkit.data import DataConfig
 from peftkit.methods.base import TaskType
 from peftkit.quantization import QuantizationConfig
 from peftkit.train.tokens import TokensConfig
-from peftkit.train.yaml_file import read_yaml
+from peftkit.train.yaml_file import apply_overrides, read_yaml
 
 # numpy's seed range; torch's is 2**64, but the data order seeds it with seed * 1_000_003 + epoch
 SEED_LIMIT = 2**32
@@ -323,28 +321,6 @@ def _yaml_safe(value: Any) -> Any:
     if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):
         return value.value
     return value
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"--set expects key=value (for example training.max_steps=100), got {text!r}")
-    key, raw = text.split("=", 1)
-    if not key.strip():
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
-    return raw
 
 
 def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> TrainJobConfig:

@@ -1,4 +1,5 @@
-"""Reading a YAML config file strictly: UTF-8 only, a mapping at the top, no key given twice."""
+"""The raw job mapping: a YAML config file read strictly (UTF-8 only, a mapping at the top, no
+key given twice) and the ``--set key=value`` overrides applied to it."""
 
 from __future__ import annotations
 
@@ -58,3 +59,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"{path} must hold a mapping of options at the top level, got {type(data).__name__}"
         )
     return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value (for example training.max_steps=100), got {text!r}")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return raw
