@@ -176,12 +176,18 @@ def test_world_reads_torchrun_environment(monkeypatch):
     assert torch.device("cpu") == World().start(torch.device("cpu"))  # one process: nothing to join
 
 
-def _worker(rank: int, port: int, raw: dict, resume: bool) -> None:
-    """One rank of a 2-process job, as torchrun would start it (its environment, one thread)."""
+def _worker(rank: int, port: int, raw: dict, resume: bool, log: str) -> None:
+    """One rank of a 2-process job, as torchrun would start it (its environment, one thread). Its
+    stdout and stderr go to ``log``, which ``_train`` copies into the test's captured stderr (a
+    fork server's children inherit the server's streams, not the test's)."""
     import faulthandler
     import os
     import signal
 
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
     faulthandler.register(signal.SIGUSR1)  # _train asks a rank that hangs where it is
     monkeypatch_destroy_to_check_no_ddp_is_alive()
     os.environ.update(
@@ -215,10 +221,21 @@ def monkeypatch_destroy_to_check_no_ddp_is_alive() -> None:
     dist.destroy_process_group = checked_destroy
 
 
-def _train(raw: dict, tmp_path, nproc: int, *, resume: bool = False) -> None:
-    """Train ``raw`` in 1 process, or in 2 forked from this one (torch and transformers already
-    imported: about 1 s instead of torchrun's 8 s of start-up, which the CLI tests above pay)."""
+def _rank_processes():
+    """Processes forked from a fork server that imported torch, transformers and peftkit once and
+    has run nothing: about 1 s per 2-rank job instead of torchrun's 8 s of start-up (which the CLI
+    tests above pay). Not forked from pytest itself: after thousands of tests its threads (OpenMP,
+    gloo, tqdm's monitor) and heap are in states a child cannot safely inherit (a rank once died
+    of "malloc(): unaligned fastbin chunk detected" inside an FSDP all-gather)."""
     import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "peftkit.train.loop", __name__])
+    return context
+
+
+def _train(raw: dict, tmp_path, nproc: int, *, resume: bool = False) -> None:
+    """Train ``raw`` in 1 process, or in 2 started by ``_rank_processes``."""
     import os
     import signal
     import socket
@@ -230,8 +247,11 @@ def _train(raw: dict, tmp_path, nproc: int, *, resume: bool = False) -> None:
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    context = multiprocessing.get_context("fork")
-    ranks = [context.Process(target=_worker, args=(rank, port, raw, resume)) for rank in range(2)]
+    context = _rank_processes()
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    ranks = [
+        context.Process(target=_worker, args=(rank, port, raw, resume, str(logs[rank]))) for rank in range(2)
+    ]
     for process in ranks:
         process.start()
     for process in ranks:
@@ -242,6 +262,9 @@ def _train(raw: dict, tmp_path, nproc: int, *, resume: bool = False) -> None:
             os.kill(process.pid, signal.SIGUSR1)  # its stack, into the captured stderr
             time.sleep(1)
             process.kill()
+    for log in logs:
+        sys.stderr.write(log.read_text(errors="replace"))
+        log.unlink()
     assert codes == [0, 0], f"ranks exited with {codes} (their tracebacks are in the captured stderr)"
 
 
