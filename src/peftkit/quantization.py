@@ -8,13 +8,15 @@ Only the frozen linear layers are quantized (transformers keeps the LM head and,
 ordinary LoRA weights, saved in PEFT's format: they load onto a quantized *or* an unquantized
 copy of the same base model.
 
-bitsandbytes is optional (``pip install peftkit[qlora]``); nothing here imports it, or torch,
-until a quantized model is actually loaded, so ``import peftkit`` stays fast and works without it.
+bitsandbytes is optional (``pip install peftkit[qlora]``); nothing imports it, or torch here,
+until a quantized model is about to load (``peftkit generate`` on a plain adapter never does),
+so ``import peftkit`` stays fast and works without it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -108,6 +110,7 @@ class QuantizationConfig:
 
 
 def require_bitsandbytes() -> None:
+    """Check that bitsandbytes is installed, and import it (once) without its hub-kernel warning."""
     if not bitsandbytes_available():
         from peftkit.errors import PeftkitError
 
@@ -115,6 +118,38 @@ def require_bitsandbytes() -> None:
             "quantization needs bitsandbytes, which is not installed: pip install 'peftkit[qlora]' "
             "(or pip install bitsandbytes), or set quantization: null"
         )
+    import_bitsandbytes_quietly()
+
+
+class _NoHubKernelNotes(logging.Filter):
+    """Drops the notes of bitsandbytes' optional hub kernel (see import_bitsandbytes_quietly)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "kernels-community" not in text and "trust_remote_code" not in text
+
+
+def import_bitsandbytes_quietly() -> None:
+    """Import bitsandbytes with the notes of its hub kernel dropped.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch an optional 4-bit matmul kernel
+    from the Hugging Face Hub (``kernels-community``); unavailable (offline, unverified publisher),
+    it falls back to its own kernel and warns, suggesting ``trust_remote_code=True``. peftkit
+    downloads no code at run time and never suggests trusting remote code: the fallback is what
+    runs, so the notes are dropped; every other bitsandbytes message is kept.
+    """
+    if "bitsandbytes" in sys.modules:
+        return
+    quiet = _NoHubKernelNotes()
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes.backends.cpu.ops", "kernels")]
+    loggers += [logging.getLogger("kernels._internals.hf_hub")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def as_bnb_config(quantization: Any, compute_dtype: torch.dtype | None = None) -> Any:

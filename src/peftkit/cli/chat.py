@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import set_seed
+    from peftkit.seeding import seed_everything
 
     generate_kwargs = sampling_kwargs(args)
     loaded = [name for name, _ in adapter_specs(args.adapter)]
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             "the tokenizer has no chat template, so it cannot format a conversation; "
             "use `peftkit generate --no-chat-template` for plain-text completion"
         )
-    set_seed(args.seed)
+    seed_everything(args.seed)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message; /reset clears the conversation, /exit quits.", file=sys.stderr)

@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import set_seed
+    from peftkit.seeding import seed_everything
 
     prompts = [Prompt(p, _DEFAULT, "--prompt") for p in args.prompt]
     if args.prompts_file:
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         else encode_plain(tokenizer, p.text)
         for p in prompts
     ]
-    set_seed(args.seed)
+    seed_everything(args.seed)
     completions = generate_for_adapters(
         model,
         tokenizer,

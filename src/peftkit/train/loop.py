@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import gc
 import math
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -34,6 +32,7 @@ from tqdm.auto import tqdm
 from peftkit.data.splits import count_rows
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_file, write_json
+from peftkit.seeding import seed_everything
 from peftkit.tasks import Task, get_task, save_task
 from peftkit.train.batching import MicroBatchStream
 from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -115,12 +114,6 @@ def autocast(session: TrainSession):
     if session.autocast_dtype is None:
         return nullcontext()
     return torch.autocast(session.device.type, dtype=session.autocast_dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False) -> TrainSession:
