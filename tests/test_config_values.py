@@ -136,6 +136,67 @@ def test_schedule_warns_once_the_epoch_total_is_known():
         assert total_optimizer_steps(huge, batches_per_epoch=20) == 20_000_000
 
 
+# -- evaluation: answer matching ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "check"),
+    [
+        (["evaluation.match=number", "evaluation.relative_tolerance=0.01"], ("number", 0.01, None, None)),
+        (
+            ["evaluation.match=regex", r"evaluation.pattern=answer is (-?\d+)"],
+            ("regex", 1e-6, r"answer is (-?\d+)", None),
+        ),
+        (
+            ["evaluation.match=choice", "evaluation.choices=['yes', 'no']"],
+            ("choice", 1e-6, None, ("yes", "no")),
+        ),
+        (["evaluation.match=choice"], ("choice", 1e-6, None, None)),  # labels from the answers
+        (["evaluation.match=contains", "evaluation.case_sensitive=true"], ("contains", 1e-6, None, None)),
+    ],
+)
+def test_valid_answer_matching_settings(overrides, check):
+    job = build_job_config(apply_overrides({"data": {"train": "x.jsonl"}}, overrides))
+    options = job.evaluation.match_options()
+    assert (job.evaluation.match, options.relative_tolerance, options.pattern, options.choices) == check
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["evaluation.match=regex"], "'evaluation.pattern' is required by match mode 'regex'"),
+        (
+            ["evaluation.match=regex", r"evaluation.pattern=answer is (\d+"],
+            "'evaluation.pattern' is not a valid regular expression (missing ), unterminated subpattern",
+        ),
+        (["evaluation.match=choice", "evaluation.choices=[]"], "'evaluation.choices' is an empty list"),
+        (
+            ["evaluation.match=choice", "evaluation.choices=['Yes', 'yes']"],
+            "the same label after normalisation",
+        ),
+        (
+            ["evaluation.match=number", "evaluation.absolute_tolerance=-1"],
+            "'evaluation.absolute_tolerance' must be >= 0",
+        ),
+        (
+            ["evaluation.pattern=(\\d+)"],
+            "'evaluation.pattern' is set but match mode 'first_word' ignores it (it applies to regex)",
+        ),
+        (
+            ["evaluation.match=exact", "evaluation.choices=[a, b]"],
+            "'evaluation.choices' is set but match mode 'exact' ignores it",
+        ),
+        (
+            ["evaluation.match=choice", "evaluation.choices=[yes, no]"],
+            "'evaluation.choices[0]' must be a string, got True; YAML reads unquoted yes, no",
+        ),
+        (["evaluation.match=fuzzy"], "'evaluation.match' must be one of 'first_word' | 'exact' | 'contains'"),
+    ],
+)
+def test_invalid_answer_matching_settings_name_the_key(overrides, fragment):
+    assert fragment in _problems(overrides)
+
+
 # -- section messages name the section ------------------------------------------------------------
 
 

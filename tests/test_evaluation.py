@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from peftkit.answer_match import MatchOptions
 from peftkit.evaluation import (
     IGNORE_INDEX,
     GenerationSample,
@@ -173,6 +174,9 @@ def test_generate_completions_rejects_empty_prompt(tiny_llama, tiny_tokenizer):
         ("Paris, France", "Paris", "exact", False),
         ("I think it is Paris.", "paris", "contains", True),
         ("London", "paris", "contains", False),
+        ("5", "-5", "first_word", False),  # the reported bugs, through answer_accuracy
+        ("1,234", "1234", "first_word", True),
+        ("15", "5", "contains", False),
     ],
 )
 def test_answer_matching(prediction, answer, match, expected):
@@ -183,7 +187,7 @@ def test_answer_accuracy_averages_and_validates():
     assert answer_accuracy(["yes", "no", "yes.", "maybe"], ["Yes", "yes", "yes", "maybe"]) == 0.75
     with pytest.raises(ValueError, match="pair up"):
         answer_accuracy(["a"], ["a", "b"])
-    with pytest.raises(ValueError, match="first_word, exact, contains"):
+    with pytest.raises(ValueError, match="first_word, exact, contains, first_line, number, regex, choice"):
         answer_accuracy(["a"], ["a"], match="fuzzy")
     with pytest.raises(ValueError, match="at least one"):
         answer_accuracy([], [])
@@ -203,8 +207,26 @@ def test_evaluate_generation_scores_and_keeps_samples(tiny_llama, tiny_tokenizer
     first = result["samples"][0]
     assert isinstance(first, GenerationSample) and first.prediction == predictions[0]
     assert first.prompt == tiny_tokenizer.decode(rows[0].prompt_ids)
-    prompt, prediction, answer = result["samples"][1]  # unpacks as a plain 3-tuple
-    assert (prediction, answer) == (predictions[1], predictions[1])
+    prompt, prediction, answer, correct = result["samples"][1]  # unpacks as a plain 4-tuple
+    assert (prediction, answer, correct) == (predictions[1], predictions[1], True)
+    assert [sample.correct for sample in result["samples"]].count(True) == 2  # one flag per sample
+
+
+def test_evaluate_generation_passes_match_options(tiny_llama, tiny_tokenizer):
+    rows = make_rows(tiny_tokenizer)
+    predictions = generate_answers(tiny_llama, tiny_tokenizer, rows, max_new_tokens=4, batch_size=5)
+    for row, prediction in zip(rows, predictions):
+        row.answer = prediction.swapcase()
+    cased = MatchOptions(case_sensitive=True)
+    result = evaluate_generation(tiny_llama, tiny_tokenizer, rows, max_new_tokens=4, match="exact")
+    assert result["accuracy"] == 1.0
+    result = evaluate_generation(
+        tiny_llama, tiny_tokenizer, rows, max_new_tokens=4, match="exact", match_options=cased
+    )
+    differs = [p != p.swapcase() for p in predictions]  # predictions with letters change case
+    assert [s.correct for s in result["samples"]] == [not d for d in differs] and any(differs)
+    with pytest.raises(ValueError, match="pattern is required"):
+        evaluate_generation(tiny_llama, tiny_tokenizer, rows, max_new_tokens=4, match="regex")
 
 
 def test_evaluate_generation_needs_answers(tiny_llama, tiny_tokenizer):

@@ -145,7 +145,10 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            problems.append(f"'{where}' must be a string, got {value!r}")
+            hint = ""
+            if isinstance(value, bool):  # PyYAML reads unquoted yes / no / on / off as booleans
+                hint = "; YAML reads unquoted yes, no, on, off, true and false as booleans: quote the text"
+            problems.append(f"'{where}' must be a string, got {value!r}{hint}")
         return value
     return value
 

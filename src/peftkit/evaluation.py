@@ -15,15 +15,16 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from peftkit.answer_match import MATCH_MODES as MATCH_MODES  # re-exported: the modes' old home
+from peftkit.answer_match import MatchOptions, match_flags
+
 IGNORE_INDEX = -100
-MATCH_MODES = ("first_word", "exact", "contains")
 
 
 class Example(Protocol):
@@ -37,11 +38,12 @@ class Example(Protocol):
 
 
 class GenerationSample(NamedTuple):
-    """One generated answer next to what was expected (unpacks as a 3-tuple)."""
+    """One generated answer next to what was expected, and whether it matched (unpacks as a 4-tuple)."""
 
     prompt: str
     prediction: str
     answer: str
+    correct: bool = False
 
 
 def evaluate_loss(
@@ -180,22 +182,20 @@ def generate_answers(
     )
 
 
-def answer_accuracy(predictions: Sequence[str], answers: Sequence[str], match: str = "first_word") -> float:
-    """The fraction of predictions that match their answer.
+def answer_accuracy(
+    predictions: Sequence[str],
+    answers: Sequence[str],
+    match: str = "first_word",
+    match_options: MatchOptions | None = None,
+) -> float:
+    """The fraction of predictions that match their answer under match mode ``match``.
 
-    ``first_word``: the first word of each, lower-cased, without surrounding punctuation
-    ("Positive." matches "positive"); for label-style answers where models add explanations.
-    ``exact``: the whole strings, ignoring case and runs of whitespace.
-    ``contains``: the answer (same normalisation) occurs anywhere in the prediction.
+    The modes and their options are described in :mod:`peftkit.answer_match`.
     """
-    if match not in MATCH_MODES:
-        raise ValueError(f"unknown match mode {match!r}: use one of {', '.join(MATCH_MODES)}")
-    if len(predictions) != len(answers):
-        raise ValueError(f"{len(predictions)} predictions but {len(answers)} answers; they must pair up")
-    if not answers:
+    if not predictions and not answers:
         raise ValueError("answer_accuracy needs at least one prediction/answer pair")
-    correct = sum(_matches(p, a, match) for p, a in zip(predictions, answers))
-    return correct / len(answers)
+    flags = match_flags(predictions, answers, match, match_options)
+    return sum(flags) / len(flags)
 
 
 def evaluate_generation(
@@ -206,17 +206,18 @@ def evaluate_generation(
     max_new_tokens: int,
     batch_size: int = 8,
     match: str = "first_word",
+    match_options: MatchOptions | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Generate for every example that has an ``answer``; return accuracy and all samples.
 
     Returns ``{"accuracy", "n", "samples"}`` where ``samples`` holds one
-    :class:`GenerationSample` (prompt text, prediction, answer) per evaluated example, in order.
-    Examples without an answer are skipped and not counted in ``n``.
+    :class:`GenerationSample` (prompt text, prediction, answer, correct) per evaluated example,
+    in order. Examples without an answer are skipped and not counted in ``n``. ``match`` and
+    ``match_options``: see :mod:`peftkit.answer_match`.
     """
-    if match not in MATCH_MODES:
-        raise ValueError(f"unknown match mode {match!r}: use one of {', '.join(MATCH_MODES)}")
+    match_flags([], [], match, match_options)  # a bad mode or option fails before generating
     rows = [ex for ex in examples if ex.answer is not None]
     if not rows:
         raise ValueError(
@@ -233,33 +234,15 @@ def evaluate_generation(
         progress=progress,
     )
     answers = [str(ex.answer) for ex in rows]
+    correct = match_flags(predictions, answers, match, match_options)
     samples = [
-        GenerationSample(tokenizer.decode(ex.prompt_ids, skip_special_tokens=False), pred, ans)
-        for ex, pred, ans in zip(rows, predictions, answers)
+        GenerationSample(tokenizer.decode(ex.prompt_ids, skip_special_tokens=False), pred, ans, flag)
+        for ex, pred, ans, flag in zip(rows, predictions, answers, correct)
     ]
-    return {"accuracy": answer_accuracy(predictions, answers, match), "n": len(rows), "samples": samples}
+    return {"accuracy": sum(correct) / len(rows), "n": len(rows), "samples": samples}
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-_WORD = re.compile(r"\w+(?:['’.\-]\w+)*")  # "don't", "e-mail", "3.5"; not trailing punctuation
-
-
-def _first_word(text: str) -> str:
-    found = _WORD.search(text.casefold())
-    return found.group(0) if found else ""
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
-def _matches(prediction: str, answer: str, match: str) -> bool:
-    if match == "first_word":
-        return _first_word(prediction) == _first_word(answer)
-    if match == "exact":
-        return _normalise(prediction) == _normalise(answer)
-    return _normalise(answer) in _normalise(prediction)
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, *, left: bool) -> torch.Tensor:
