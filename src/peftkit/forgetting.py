@@ -39,7 +39,9 @@ def source_problem(source: str | None, key: str = "evaluation.general") -> str |
         return None
     path = Path(source).expanduser()
     if not path.is_file():
-        return f"'{key}': {source} is not a file; use {BUILTIN!r} (peftkit's general text) or a .txt/.jsonl file"
+        return (
+            f"'{key}': {source} is not a file; use {BUILTIN!r} (peftkit's general text) or a .txt/.jsonl file"
+        )
     if path.suffix not in (".txt", ".jsonl"):
         return f"'{key}': {source} must be a .txt file (paragraphs) or a .jsonl file ({{\"text\": ...}} per line)"
     return None

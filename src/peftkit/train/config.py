@@ -12,6 +12,7 @@ Layout of a job file::
     data: {...}         # peftkit.data.DataConfig
     training: {...}     # TrainingConfig
     evaluation: {...}   # EvaluationConfig
+    logging: {report_to: [tensorboard]}  # optional: peftkit.train.reporting.LoggingConfig
     output_dir: runs/my-run
 
 The section named after the method is validated against that method's config class, found
@@ -30,6 +31,8 @@ from peftkit.configuration import ConfigError, closest, from_dict, to_dict, unkn
 from peftkit.data import DataConfig
 from peftkit.methods.base import TaskType
 from peftkit.quantization import QuantizationConfig
+from peftkit.train.evaluation_config import EvaluationConfig
+from peftkit.train.reporting import LoggingConfig, reporter_problems
 from peftkit.train.tokens import TokensConfig
 from peftkit.train.yaml_file import apply_overrides, read_yaml
 
@@ -135,7 +138,12 @@ class TrainingConfig:
     )
     keep_checkpoints: int = field(default=2, metadata={"help": "How many recent checkpoints to keep."})
     num_threads: int | None = field(
-        default=None, metadata={"help": "torch CPU threads (null: torch's default)."}
+        default=None,
+        metadata={
+            "help": "torch CPU threads. null: torch's default (OMP_NUM_THREADS, else one per core) lowered "
+            "to the cores the machine's load average leaves free, with a note (threads sharing busy cores "
+            "slowed steps 10x for a user); a run also warns when its steps slow down on a loaded machine."
+        },
     )
     collective_timeout_minutes: float = field(
         default=30.0,
@@ -212,38 +220,6 @@ class TrainingConfig:
 
 
 @dataclass
-class EvaluationConfig:
-    """What to measure on the held-out test split before and after training."""
-
-    accuracy_before: bool = field(
-        default=False,
-        metadata={
-            "help": "Measure the task's metrics on the test split before training (causal LM: answer "
-            "accuracy by generation; classification: accuracy and macro-F1; QA: exact match and F1)."
-        },
-    )
-    accuracy_after: bool = field(
-        default=True,
-        metadata={
-            "help": "Measure the task's metrics on the test split after training (see accuracy_before)."
-        },
-    )
-    max_new_tokens: int = field(default=8, metadata={"help": "Tokens generated per test prompt."})
-    match: Literal["first_word", "exact", "contains"] = field(
-        default="first_word", metadata={"help": "How a generated answer is compared with the expected one."}
-    )
-    batch_size: int = field(default=16, metadata={"help": "Prompts per generation / evaluation batch."})
-    show_samples: int = field(default=5, metadata={"help": "Sample predictions to print after evaluation."})
-
-    def validate(self) -> list[str]:
-        problems = []
-        for name in ["max_new_tokens", "batch_size"]:
-            if getattr(self, name) < 1:
-                problems.append(f"'evaluation.{name}' must be >= 1, got {getattr(self, name)}")
-        return problems
-
-
-@dataclass
 class TrainJobConfig:
     """A whole fine-tuning job: base model, method, data, optimisation, evaluation, output."""
 
@@ -286,6 +262,10 @@ class TrainJobConfig:
     )
     evaluation: EvaluationConfig = field(
         default_factory=EvaluationConfig, metadata={"help": "Held-out evaluation."}
+    )
+    logging: LoggingConfig = field(
+        default_factory=LoggingConfig,
+        metadata={"help": "Where the per-step metrics also go, e.g. {report_to: [tensorboard]}."},
     )
     output_dir: str = field(
         default="runs/peftkit", metadata={"help": "Where checkpoints, metrics, plots and the adapter go."}
@@ -472,6 +452,7 @@ def load_job_config(
     if for_training:
         from peftkit.preflight import training_machine_problems
 
-        if problems := training_machine_problems(job.training.device, job.output_dir):
+        problems = training_machine_problems(job.training.device, job.output_dir)
+        if problems := problems + reporter_problems(job.logging, job.output_dir):
             raise ConfigError(problems, str(path))
     return job

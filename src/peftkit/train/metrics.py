@@ -1,4 +1,5 @@
-"""Training metrics: one JSON object per line in ``metrics.jsonl``, and a loss-curve PNG."""
+"""Training metrics: one JSON object per line in ``metrics.jsonl`` (and to any reporters), and a
+loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.io import atomic_file
+from peftkit.train.reporting import LoggingConfig, MetricsSink, open_sinks
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -17,12 +19,21 @@ PLOT_INTERVAL_S = 30.0  # redrawing costs ~0.2 s: often enough to watch a run, r
 
 class MetricsLog:
     """Append-only metrics file; on resume, lines past the resumed step are dropped so the
-    file reads as if the run had never been interrupted."""
+    file reads as if the run had never been interrupted. Each record also goes to the reporters
+    ``reporting`` names (``train/reporting.py``); :meth:`close` (or ``with``) closes them."""
 
-    def __init__(self, output_dir: str | Path, *, resume_step: int | None = None, enabled: bool = True):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        resume_step: int | None = None,
+        enabled: bool = True,
+        reporting: LoggingConfig | None = None,
+    ):
         self.path = Path(output_dir) / METRICS_FILE
         self.enabled = enabled
         self.records: list[dict[str, Any]] = []
+        self.sinks: list[MetricsSink] = []
         self._last_plot = 0.0
         if not enabled:
             return
@@ -34,6 +45,8 @@ class MetricsLog:
                         self.records.append(record)
         with atomic_file(self.path, "w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in self.records)
+        if reporting is not None:
+            self.sinks = open_sinks(reporting, output_dir, resume_step=resume_step)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -41,6 +54,19 @@ class MetricsLog:
         self.records.append(record)
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def plot(self, *, force: bool = True) -> Path | None:
         """Draw training (and validation) loss against step into ``loss.png``.
