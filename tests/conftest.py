@@ -8,11 +8,18 @@ import pytest
 import torch
 
 import _own_deprecations
+import peftkit.threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
 _own_deprecations.install()
+
+# Training and the CLI pick fewer threads on a loaded machine (peftkit.threads); in this process the
+# load is mostly the suite itself, so the choice would vary from test to test: it sees an idle
+# machine here (tests/test_threads.py sets the load it needs; subprocesses choose for themselves).
+peftkit.threads.others_load = lambda: 0.0
 
 
 @pytest.fixture(autouse=True)

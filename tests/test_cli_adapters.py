@@ -73,7 +73,11 @@ def peftkit_cli(monkeypatch):
     monkeypatch.setattr(
         cli_main, "COMMANDS", {name: cli_main.COMMANDS[name] for name in ("generate", "chat")}
     )
-    return cli_main.main
+
+    def main(argv):  # the references here are computed in fp32; auto would be bf16 on some CPUs
+        return cli_main.main(argv if "--precision" in argv else [*argv, "--precision", "fp32"])
+
+    return main
 
 
 def _generate(peftkit_cli, capsys, *argv: str) -> list[dict]:
@@ -323,7 +327,12 @@ def test_chat_switches_adapters_and_keeps_history(peftkit_cli, capsys, tiny_mode
     script = "hello\n/adapter\n/adapter lora_a\nand then?\n/adapter nope\n/base\nagain\n/exit\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(script))
     argv = ["chat", "--adapter", f"lora_a={adapters['lora_a']}", "--adapter", f"lora_b={adapters['lora_b']}"]
-    assert peftkit_cli([*argv, "--use-adapter", "lora_b", "--max-new-tokens", "6", "--no-stream"]) == 0
+    assert (
+        peftkit_cli(
+            [*argv, "--use-adapter", "lora_b", "--max-new-tokens", "6", "--no-stream", "--precision", "fp32"]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     replies = out.out.splitlines()
     assert len(replies) == 3 and [len(c) for c in conversations] == [1, 3, 5]

@@ -30,7 +30,11 @@ def peftkit_cli(monkeypatch):
     monkeypatch.setattr(
         cli_main, "COMMANDS", {name: cli_main.COMMANDS[name] for name in ("generate", "chat")}
     )
-    return cli_main.main
+
+    def main(argv):  # the references here are computed in fp32; auto would be bf16 on some CPUs
+        return cli_main.main(argv if "--precision" in argv else [*argv, "--precision", "fp32"])
+
+    return main
 
 
 def expected_reply(tokenizer, messages_or_text, *, max_new_tokens=8, chat=True) -> str:

@@ -253,14 +253,14 @@ def test_precision_where_bf16_is_not_native(monkeypatch, capsys):
     same results, slower) with a note; a device that cannot run bf16 at all is refused."""
     import peftkit.models
     from peftkit.errors import PeftkitError
-    from peftkit.train.loop import resolve_autocast
+    from peftkit.precision import resolve_autocast
 
     monkeypatch.setattr(peftkit.models, "bf16_supported", lambda device: False)
     cpu = torch.device("cpu")
     assert resolve_autocast("auto", cpu) is None and resolve_autocast("fp32", cpu) is None
     assert resolve_autocast("bf16", cpu) is torch.bfloat16
     assert "no native bfloat16" in capsys.readouterr().err
-    with pytest.raises(PeftkitError, match="does not support bfloat16: set precision: fp32"):
+    with pytest.raises(PeftkitError, match="does not support bfloat16: use fp32"):
         resolve_autocast("bf16", torch.device("cuda"))
     monkeypatch.setattr(peftkit.models, "bf16_supported", lambda device: True)
     assert resolve_autocast("auto", cpu) is torch.bfloat16 and resolve_autocast("fp32", cpu) is None

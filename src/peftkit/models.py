@@ -302,6 +302,13 @@ def unreadable_weights(model_dir: Path, err: Exception) -> ModelLoadError:
     return unreadable_safetensors(model_dir, err)
 
 
+def default_attention(device: torch.device) -> str:
+    """The attention kernel of ``attention: auto`` (training) and of every inference command, so that
+    they compute alike: sdpa on GPUs; eager on CPUs, where torch's SDPA backward is slow for short
+    sequences (training measured 1.4x faster with eager) and bf16 results differ between the two."""
+    return "sdpa" if device.type == "cuda" else "eager"
+
+
 def resolve_device(name: str, key: str = "device") -> torch.device:
     """``auto``: the GPU if there is one (CUDA, then Apple MPS), else the CPU. A device this machine
     lacks is a ``ConfigError`` naming ``key`` and the devices it has (``peftkit.preflight``)."""

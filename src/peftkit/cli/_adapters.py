@@ -176,13 +176,20 @@ def check_vocabularies_agree(specs: list[tuple[str, str]], base: str, trust_remo
 def load_model_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """``(model, tokenizer, adapter names)``: the base with every ``--adapter`` loaded under its
     name (the first one active), in eval mode on ``--device``. No adapters: the base model."""
-    from peftkit.cli._model_args import load_model_from_args, read_adapter_config
-    from peftkit.models import load_model_and_tokenizer, resolve_device
+    from peftkit.cli._model_args import (
+        check_threads,
+        load_model_from_args,
+        read_adapter_config,
+        ready_for_inference,
+    )
+    from peftkit.models import default_attention, load_model_and_tokenizer, resolve_device
 
     resolve_device(args.device, "--device")  # a device this machine lacks: refused before loading
     specs = adapter_specs(args.adapter)
     if not specs:
-        model, tokenizer = load_model_from_args(argparse.Namespace(**{**vars(args), "adapter": None}))
+        base_only = argparse.Namespace(**{**vars(args), "adapter": None})
+        model, tokenizer = load_model_from_args(base_only)
+        args.autocast_dtype, args.precision_label = base_only.autocast_dtype, base_only.precision_label
         return model, tokenizer, []
     configs = {name: read_adapter_config(directory) for name, directory in specs}
     from peftkit.tasks import require_loader
@@ -199,9 +206,14 @@ def load_model_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[s
         )
     if len(specs) > 1:
         check_vocabularies_agree(specs, str(base), args.trust_remote_code)
+    check_threads(args)
     model, tokenizer = load_model_and_tokenizer(
-        str(base), dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        str(base),
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        attn_implementation=default_attention(resolve_device(args.device, "--device")),
     )
+    base_params = list(model.parameters())  # held: their ids stay theirs
     from peftkit.auto import apply_saved_adapter  # imported late: only adapter users pay for it
 
     (first, first_dir), *others = specs
@@ -218,8 +230,7 @@ def load_model_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[s
                 f"cannot load adapter {name!r} ({directory}) next to {first!r}: {err}"
             ) from err
         _check_embeddings_unchanged(model, before, name, directory)
-    model.to(resolve_device(args.device, "--device"))
-    model.eval()
+    ready_for_inference(model, args, base_params)
     return model, tokenizer, [name for name, _ in specs]
 
 

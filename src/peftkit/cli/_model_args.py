@@ -54,6 +54,21 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, several_adapters: bo
         "--device", default="auto", help="cpu, cuda, cuda:1, mps, or auto (default: the GPU if any)"
     )
     group.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        help="how the model computes, as training does: bf16 = autocast with the base weights stored in "
+        "bf16 and adapters in fp32; auto (default; for eval, the config's training.precision) = bf16 "
+        "where the device computes it natively, else fp32. Same setting, same greedy answers as "
+        "train-time evaluation",
+    )
+    group.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads (default: one per core, fewer when the machine's load average shows other "
+        "processes using cores)",
+    )
+    group.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow the model repository's own Python code to run (only for repositories you trust)",
@@ -99,16 +114,19 @@ def load_model_from_args(args: argparse.Namespace, **load_options: Any) -> tuple
 
     ``load_options`` go to ``load_model_and_tokenizer`` (e.g. ``task=`` and ``num_labels=`` for a
     classifier's head)."""
-    from peftkit.models import load_model_and_tokenizer
+    from peftkit.models import default_attention, load_model_and_tokenizer, resolve_device
 
     base = args.base_model or (adapter_base_model(args.adapter) if args.adapter else None)
     if base is None:
         raise ConfigError(
             "give --base-model NAME_OR_DIR, or --adapter DIR to use its base model", "command line"
         )
+    check_threads(args)
+    load_options.setdefault("attn_implementation", default_attention(resolve_device(args.device)))
     model, tokenizer = load_model_and_tokenizer(
         base, dtype=args.dtype, trust_remote_code=args.trust_remote_code, **load_options
     )
+    base_params = list(model.parameters())  # held: their ids stay theirs
     if args.adapter:
         from peftkit.auto import apply_saved_adapter  # imported late: only adapter users pay for it
 
@@ -116,11 +134,39 @@ def load_model_from_args(args: argparse.Namespace, **load_options: Any) -> tuple
         model, tokenizer = apply_saved_adapter(
             model, tokenizer, args.adapter, trust_remote_code=args.trust_remote_code
         )
-    from peftkit.models import resolve_device
-
-    model.to(resolve_device(args.device))
-    model.eval()
+    ready_for_inference(model, args, base_params)
     return model, tokenizer
+
+
+def check_threads(args: argparse.Namespace) -> None:
+    """Refuse a bad ``--threads`` before anything loads; then set the threads (peftkit.threads)."""
+    from peftkit.threads import choose_threads
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}", "command line")
+    choose_threads(threads, key="--threads")
+
+
+def ready_for_inference(model: Any, args: argparse.Namespace, base_params: list[Any]) -> None:
+    """Move ``model`` to ``--device`` in eval mode, in ``--precision`` (peftkit.precision): the base
+    weights (``base_params``, the parameters before adapters were applied) stored as training stores
+    them. Sets ``args.autocast_dtype`` (None: fp32) for the generation calls that follow, and
+    ``args.precision_label`` for the line the command prints."""
+    from peftkit.models import resolve_device
+    from peftkit.precision import describe, resolve_autocast, store_for_inference
+
+    device = resolve_device(args.device)
+    model.to(device)
+    model.eval()
+    args.autocast_dtype = None
+    if args.dtype == "float32":  # a model loaded in bf16/fp16 computes in that dtype throughout
+        precision = getattr(args, "precision", None) or "auto"
+        args.autocast_dtype = resolve_autocast(precision, device, key="--precision")
+        store_for_inference(model, args.autocast_dtype, [id(p) for p in base_params])
+        args.precision_label = describe(args.autocast_dtype)
+    else:
+        args.precision_label = f"{args.dtype} weights"
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     interactive = sys.stdin.isatty()
     if interactive:
+        print(f"Precision: {args.precision_label}.", file=sys.stderr)
         print("Type a message; /reset clears the conversation, /exit quits.", file=sys.stderr)
         if loaded:
             print(
@@ -159,6 +160,7 @@ def _reply(model: Any, tokenizer: Any, prompt_ids: list[int], args: argparse.Nam
         max_new_tokens=args.max_new_tokens,
         batch_size=1,
         progress=False,
+        autocast_dtype=args.autocast_dtype,
         streamer=streamer,
         **kwargs,
     )[0]

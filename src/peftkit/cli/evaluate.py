@@ -31,6 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, help="Examples per batch (default: the config's).")
     parser.add_argument("--json", metavar="FILE", help="Also write the results as JSON to FILE.")
+    parser.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="Write every prediction (origin file:line, prompt, expected, predicted, correct) to FILE as "
+        "JSON lines (default with --json: FILE.predictions.jsonl next to it).",
+    )
+    parser.add_argument(
+        "--json-predictions", action="store_true", help="Include every prediction in the --json results too."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,13 +49,15 @@ def run(args: argparse.Namespace) -> int:
     from peftkit.configuration import ConfigError
     from peftkit.data import check_sources, count_rows, load_split
     from peftkit.io import write_json
-    from peftkit.models import bf16_supported
     from peftkit.preflight import device_problem, writable_file_problem
     from peftkit.tasks import get_task, load_task
     from peftkit.train.config import build_job_config, load_job_config
 
     problems = [device_problem(args.device, "--device")]
     problems.append(writable_file_problem(args.json, "--json") if args.json else None)
+    if args.json and not args.predictions:
+        args.predictions = str(Path(args.json).with_suffix("")) + ".predictions.jsonl"
+    problems.append(writable_file_problem(args.predictions, "--predictions") if args.predictions else None)
     for option, value in [("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)]:
         problems.append(
             f"{option} must be at least 1, got {value}" if value is not None and value < 1 else None
@@ -72,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     if args.base_model is None and not args.adapter:
         args.base_model = job.base_model
     args.trust_remote_code = args.trust_remote_code or job.trust_remote_code
+    args.precision = args.precision or job.training.precision  # as training evaluated
+    args.threads = args.threads or job.training.num_threads
 
     if args.adapter and Path(args.adapter).is_dir():
         read_adapter_config(args.adapter)  # an unreadable adapter_config.json, named
@@ -82,31 +95,35 @@ def run(args: argparse.Namespace) -> int:
     # the base with the task's head (sized by its labels), the adapter applied, on --device
     model, tokenizer = load_model_from_args(args, task=task.loader_task, **task.model_kwargs())
     examples = load_split(data_cfg, tokenizer, split, seed=job.training.seed, task=task)
-    device = next(model.parameters()).device
-    autocast_dtype = None
-    if job.training.precision != "fp32" and bf16_supported(device):
-        import torch
-
-        autocast_dtype = torch.bfloat16
+    autocast_dtype = args.autocast_dtype  # --precision, else the config's training.precision
     batch_size = args.batch_size if args.batch_size is not None else job.evaluation.batch_size
     # count_rows: a QA row split into several windows is one example
     what = f"{'base + adapter ' + args.adapter if args.adapter else 'base model'} on {count_rows(examples)} {split} examples"
-    print(f"Evaluating {what} (task {task.task_type.value})")
+    print(f"Evaluating {what} (task {task.task_type.value}; precision {args.precision_label})")
     eval_cfg = job.evaluation
     if args.max_new_tokens is not None:
         eval_cfg = dataclasses.replace(eval_cfg, max_new_tokens=args.max_new_tokens)
     metrics = task.eval_metrics(
         model, tokenizer, examples, eval_cfg=eval_cfg, autocast_dtype=autocast_dtype, batch_size=batch_size
     )
+    predictions = metrics.pop("predictions", None)
     for line in task.metric_lines(metrics):
         print(line)
+    if predictions is not None and args.predictions:
+        from peftkit.train.held_out import write_predictions
+
+        write_predictions(args.predictions, predictions)
+        print(f"predictions: {args.predictions}")
     results: dict = {
         "split": split,
         "adapter": args.adapter,
         "task": task.task_type.value,
+        "precision": args.precision_label,
         "n": metrics.get("n", count_rows(examples)),
     }
-    results.update({k: v for k, v in metrics.items() if k not in ("samples", "n")})
+    results.update({k: v for k, v in metrics.items() if k not in ("samples", "summary_lines", "n")})
+    if predictions is not None and args.json_predictions:
+        results["predictions"] = predictions
     if args.json:
         write_json(args.json, results)
     else:

@@ -64,10 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=8,
+        default=16,
         metavar="N",
-        help="prompts per batch (default: 8); LoRA batches mix adapters, other methods batch each "
-        "adapter's prompts apart",
+        help="prompts per batch (default: 16, evaluation.batch_size's default: in bf16 which prompts share a "
+        "batch can change the rounding); LoRA batches mix adapters, other methods batch each adapter's "
+        "prompts apart",
     )
     parser.add_argument(
         "--jsonl",
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         else encode_plain(tokenizer, p.text)
         for p in prompts
     ]
+    print(f"precision: {args.precision_label}", file=sys.stderr)
     seed_everything(args.seed)
     completions = generate_for_adapters(
         model,
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         adapters,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        autocast_dtype=args.autocast_dtype,
         **generate_kwargs,
     )
     tag = len(set(adapters)) > 1

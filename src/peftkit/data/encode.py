@@ -36,6 +36,7 @@ class Example:
     origin: str
     prompt_ids: list[int] = field(default_factory=list)
     answer: str | None = None
+    prompt: str | None = None  # the user's message as written (Sample.prompt), for predictions
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -169,7 +170,7 @@ class Encoder:
             if len(self.stats.dropped_origins) < 5:
                 self.stats.dropped_origins.append(plan.sample.origin)
             return None
-        return Example(ids, labels, plan.sample.origin, prompt_ids, plan.sample.answer)
+        return Example(ids, labels, plan.sample.origin, prompt_ids, plan.sample.answer, plan.sample.prompt)
 
 
 def _labels(

@@ -52,6 +52,17 @@ class Sample:
                 return message["content"]
         return None
 
+    @property
+    def prompt(self) -> str | None:
+        """The user message the last assistant message answers, as the data file has it (no chat
+        template): what evaluation shows next to a prediction."""
+        messages = self.messages or []
+        answer_at = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        for message in reversed(messages[:answer_at] if answer_at is not None else []):
+            if message["role"] == "user":
+                return message["content"]
+        return None
+
 
 def _required(fmt: str) -> list[str]:
     return [f for f in FORMAT_FIELDS[fmt] if not f.startswith("[")]

@@ -12,7 +12,6 @@ This is the behaviour peftkit had before task types existed, unchanged: the hook
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from peftkit.data.encode import Encoder
 from peftkit.data.formats import LM_FORMATS
 from peftkit.methods.base import TaskType
+from peftkit.prediction_summary import summarise_predictions, summary_lines
 from peftkit.tasks.base import Task
 from peftkit.train.batching import collate, count_label_tokens
 from peftkit.train.loss import lm_loss_sum
@@ -105,10 +105,26 @@ class CausalLMTask(Task):
             max_new_tokens=eval_cfg.max_new_tokens,
             batch_size=batch_size or eval_cfg.batch_size,
             match=eval_cfg.match,
+            match_options=eval_cfg.match_options(),
             autocast_dtype=autocast_dtype,
         )
-        samples = [s._asdict() for s in out["samples"][: eval_cfg.show_samples]]
-        return {"accuracy": out["accuracy"], "n": out["n"], "samples": samples}
+        rows = [e for e in examples if e.answer is not None]  # evaluate_generation's, in its order
+        predictions = [prediction_record(e, s) for e, s in zip(rows, out["samples"])]
+        summary = summarise_predictions(
+            [p["predicted"] for p in predictions],
+            [p["expected"] for p in predictions],
+            [p["correct"] for p in predictions],
+            mode=eval_cfg.match,
+            options=eval_cfg.match_options(),
+        )
+        return {
+            "accuracy": out["accuracy"],
+            "n": out["n"],
+            "summary": summary_dict(summary),
+            "summary_lines": summary_lines(summary),
+            "samples": predictions[: eval_cfg.show_samples],
+            "predictions": predictions,  # all of them: written to predictions*.jsonl, not the results
+        }
 
     def eval_metrics(
         self,
@@ -138,7 +154,11 @@ class CausalLMTask(Task):
                 autocast_dtype=autocast_dtype,
                 batch_size=batch_size,
             )
-            results.update(accuracy=gen["accuracy"], accuracy_n=gen["n"], samples=gen["samples"])
+            results.update(
+                accuracy=gen["accuracy"],
+                accuracy_n=gen["n"],
+                **{k: gen[k] for k in ("summary", "summary_lines", "samples", "predictions")},
+            )
         return results
 
     def metric_lines(self, metrics: dict[str, Any]) -> list[str]:
@@ -151,7 +171,8 @@ class CausalLMTask(Task):
         if "accuracy" in metrics:
             n = metrics.get("accuracy_n", metrics.get("n"))
             lines.append(f"accuracy {metrics['accuracy']:.3f} on {n} examples")
-            lines += [f"  {s['prediction']!r} (expected {s['answer']!r})" for s in metrics.get("samples", [])]
+            lines += metrics.get("summary_lines", [])
+            lines += ["  " + _format_sample(s) for s in metrics.get("samples", [])]
         if "note" in metrics:
             lines.append(metrics["note"])
         return lines
@@ -164,12 +185,13 @@ class CausalLMTask(Task):
                 continue
             if "accuracy" in out:
                 lines.append(f"held-out accuracy {when} {out['accuracy']:.3f}  (n={out['n']})")
+                lines += ["  " + line for line in out.get("summary_lines", [])]
             else:  # no expected answers (see NO_ANSWERS)
                 lines.append(
                     f"held-out loss {when} {out['loss']:.4f}  perplexity {out['perplexity']:.3f}  (n={out['n']})"
                 )
         if after and after["samples"]:
-            lines.append("sample predictions (prediction -> expected):")
+            lines.append("sample predictions (prompt -> prediction):")
             lines += ["  " + _format_sample(sample) for sample in after["samples"]]
         notes = [out["note"] for out in (before, after) if out and "note" in out]
         return lines + notes[:1]
@@ -181,11 +203,38 @@ NO_ANSWERS = (
 )
 """Why a held-out split of rows without answers gets loss / perplexity but no accuracy."""
 
-_SPECIAL_TOKEN = re.compile(r"<\|[^|<>]{1,40}\|>|<s>|</s>")
+
+def prediction_record(example: Any, sample: Any) -> dict[str, Any]:
+    """One line of predictions*.jsonl: where the row came from, the prompt as the user wrote it
+    (the data file's last user message; the templated prompt where a row has none), the expected
+    and the predicted answer, and whether they matched."""
+    return {
+        "origin": example.origin,
+        "prompt": getattr(example, "prompt", None) or sample.prompt,
+        "expected": sample.answer,
+        "predicted": sample.prediction,
+        "correct": sample.correct,
+    }
+
+
+def summary_dict(summary: Any) -> dict[str, Any]:
+    """A :class:`~peftkit.prediction_summary.PredictionSummary` as the results JSON keeps it."""
+    return {
+        "majority_answer": summary.majority.answer,
+        "majority_baseline": summary.majority.accuracy,
+        "distinct_predictions": summary.spread.distinct,
+        "most_common_prediction": summary.spread.most_common,
+        "most_common_share": summary.spread.share,
+        "recall": None
+        if summary.recall is None
+        else {r.answer: {"correct": r.correct, "total": r.total, "recall": r.recall} for r in summary.recall},
+        "collapse_warning": summary.collapse,
+    }
 
 
 def _format_sample(sample: dict[str, Any]) -> str:
-    """The end of the prompt's text (chat-template markers removed), the prediction and the answer."""
-    text = " ".join(_SPECIAL_TOKEN.sub(" ", str(sample["prompt"])).split())
-    text = text.removesuffix("assistant").rstrip()
-    return f"...{text[-70:]!r} -> {sample['prediction']!r} (expected {sample['answer']!r})"
+    """The user's prompt (its end, if long), the prediction and the expected answer."""
+    text = " ".join(str(sample["prompt"]).split())
+    text = text if len(text) <= 70 else "..." + text[-67:]
+    mark = "ok" if sample["correct"] else "wrong"
+    return f"{text!r} -> {sample['predicted']!r} (expected {sample['expected']!r}, {mark})"

@@ -55,6 +55,9 @@ class TrainerState:
     optimizer_groups: list[dict[str, Any]]
     python_rng: Any
     numpy_rng: Any
+    # CPU threads the run computed with: a resume that picks its own (by load) reuses these, as
+    # some reductions split their sums by thread (older checkpoints: None)
+    num_threads: int | None = None
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -159,6 +162,7 @@ def save_checkpoint(
         optimizer_groups=opt_state["param_groups"],
         python_rng=_python_rng_to_json(),
         numpy_rng=_numpy_rng_to_json(),
+        num_threads=torch.get_num_threads(),
     )
     try:
         with atomic_dir(final) as tmp:  # a failed write removes the partial directory

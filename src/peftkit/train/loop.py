@@ -32,14 +32,17 @@ from tqdm.auto import tqdm
 from peftkit.data.splits import count_rows
 from peftkit.errors import PeftkitError
 from peftkit.io import atomic_file, write_json
+from peftkit.precision import describe, resolve_autocast
 from peftkit.seeding import seed_everything
 from peftkit.tasks import Task, get_task, save_task
+from peftkit.threads import StepTimeWatch, choose_threads
 from peftkit.train.batching import MicroBatchStream
 from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.train.compile import CompiledLayers
 from peftkit.train.config import TrainJobConfig
 from peftkit.train.distributed import World, choose_strategy, data_parallel, no_sync
 from peftkit.train.fsdp import FullStateDict, full
+from peftkit.train.held_out import evaluate_test, general_text
 from peftkit.train.metrics import MetricsLog
 from peftkit.train.output import (
     ADAPTER_DIR,
@@ -54,6 +57,7 @@ from peftkit.train.output import (
 )
 from peftkit.train.packing import check_isolation
 from peftkit.train.precision import split_precision, store_in_dtype
+from peftkit.train.reporting import check_reporters
 from peftkit.train.schedule import build_scheduler, total_optimizer_steps
 from peftkit.train.shared_prefix import shared_prefix_for
 from peftkit.train.tokens import add_tokens, check_tokens_for_method, with_new_tokens
@@ -91,25 +95,6 @@ class TrainSession:
     results: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    from peftkit.models import bf16_supported
-
-    if precision == "fp32":
-        return None
-    supported = bf16_supported(device)
-    if precision == "auto" or supported:
-        return torch.bfloat16 if supported else None
-    if device.type == "cpu":  # emulated: same results, only slower, so the user's choice stands
-        say(
-            "note: training.precision is bf16, but this CPU has no native bfloat16 (AVX512-BF16 or AMX), "
-            "so it is emulated and slower than fp32 (precision: auto picks fp32 here)"
-        )
-        return torch.bfloat16
-    raise PeftkitError(
-        f"training.precision is bf16 but {device} does not support bfloat16: set precision: fp32"
-    )
-
-
 def autocast(session: TrainSession):
     if session.autocast_dtype is None:
         return nullcontext()
@@ -119,12 +104,13 @@ def autocast(session: TrainSession):
 def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False) -> TrainSession:
     from peftkit import get_peft_model
     from peftkit.data import build_datasets, check_sources
-    from peftkit.models import load_model_and_tokenizer, resolve_device
+    from peftkit.models import default_attention, load_model_and_tokenizer, resolve_device
 
     t = job.training
     task = get_task(job.task)
     check_tokens_for_method(job.tokens, job.method, job.method_config)
     check_sources(job.data, ("train",), task=task)  # before any model loads
+    check_reporters(job.logging, job.output_dir)  # e.g. tensorboard not installed
     recorded_config = job.to_yaml_dict()  # what train_config.yaml holds; --resume compares with it
     world = World.from_environment()  # torchrun's processes, or rank 0 of 1
     if t.compile and world.distributed:
@@ -133,8 +119,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         )
     global _quiet
     _quiet = not world.is_main
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
+    choose_threads(t.num_threads, key="training.num_threads", note=say)
     device = world.start(resolve_device(t.device), t.collective_timeout_minutes)
     output_dir = Path(job.output_dir)
     if world.is_main:
@@ -145,10 +130,11 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     if not world.is_main:
         checkpoint = latest_checkpoint(output_dir) if resume else None
     seed_everything(t.seed)  # the same on every rank: identical adapter initialisation
-    autocast_dtype = resolve_autocast(t.precision, device)
+    autocast_dtype = resolve_autocast(t.precision, device, note=say)
+    say(f"precision: {describe(autocast_dtype)}")
     task.prepare(job.data)  # e.g. the label set, which sizes the classification head
 
-    attention = t.attention if t.attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
+    attention = t.attention if t.attention != "auto" else default_attention(device)
     quantized = job.quantization is not None
     load_options: dict[str, Any] = {}
     if quantized:
@@ -180,7 +166,13 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     results: dict[str, Any] = {"before": previous.get("before")} if previous.get("before") else {}
     if job.evaluation.accuracy_before and not results.get("before") and data.test and world.is_main:
         say(f"Evaluating the base model on {count_rows(data.test)} held-out examples ...")
-        results["before"] = evaluate_test(job, task, model, tokenizer, data.test, autocast_dtype, "before")
+        results["before"] = evaluate_test(
+            job, task, model, tokenizer, data.test, autocast_dtype, "before", say=say, output_dir=output_dir
+        )
+    if job.evaluation.general and world.is_main:  # forgetting: the base model's general-text perplexity
+        results["general"] = previous.get("general") or {
+            "before": general_text(job, model, tokenizer, autocast_dtype)
+        }
     world.barrier()
 
     torch.manual_seed(t.seed)  # adapter init does not depend on what evaluation consumed
@@ -254,6 +246,8 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, rank=world.rank
         )
         session.start_step, session.tokens_seen = state.step, state.tokens_seen
+        if not t.num_threads and state.num_threads and state.num_threads != torch.get_num_threads():
+            torch.set_num_threads(state.num_threads)  # exact resume: the threads the run started with
         say(f"Resumed from {checkpoint} (step {state.step} of {total_steps})")
     if world.is_main:
         if overwrite:
@@ -266,14 +260,26 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
 def train(
     session: TrainSession, *, stop_after_step: int | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Run the optimisation; ``stop_after_step`` simulates an interruption (for tests)."""
+    """Run the optimisation; ``stop_after_step`` simulates an interruption (for tests). The metrics
+    log's reporters (``logging.report_to``) are closed however it ends."""
+    with MetricsLog(
+        session.output_dir,
+        resume_step=session.start_step,
+        enabled=session.world.is_main,  # rank 0 writes
+        reporting=session.job.logging,
+    ) as metrics:
+        return _run_steps(session, metrics, stop_after_step=stop_after_step, progress=progress)
+
+
+def _run_steps(
+    session: TrainSession, metrics: MetricsLog, *, stop_after_step: int | None, progress: bool
+) -> dict[str, Any]:
     t = session.job.training
     task, world = session.task, session.world
     model, optimizer, scheduler = session.model, session.optimizer, session.scheduler
     loss_module = session.loss_module or data_parallel(model, task, world, session.device, session.strategy)
     pad_id = session.tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
-    metrics = MetricsLog(session.output_dir, resume_step=session.start_step, enabled=world.is_main)
     accum = t.gradient_accumulation_steps
     collate = task.collate
     if t.packing:  # several examples per row, up to max_seq_len tokens (train/packing.py)
@@ -289,6 +295,7 @@ def train(
         file=sys.stderr,
     )
     model.train()
+    watch = StepTimeWatch(note=say)
     for step in range(session.start_step + 1, session.total_steps + 1):
         started = time.perf_counter()
         # This rank's share of each global micro-batch (all of it in a single process).
@@ -325,6 +332,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
 
         elapsed = time.perf_counter() - started
+        watch.observe(step, elapsed)
         session.tokens_seen += step_tokens
         loss = step_loss / step_label_tokens
         if not math.isfinite(loss):
@@ -409,6 +417,7 @@ def finish(session: TrainSession, metrics: MetricsLog) -> dict[str, Any]:
     results = dict(session.results)
     results["adapter_dir"] = str(adapter_dir)
     results["steps"] = session.total_steps
+    results["precision"] = describe(session.autocast_dtype)  # as `peftkit eval` reports it
     if session.data.validation:
         val = run_on_model(session, lambda _: validation_loss(session))
         if world.is_main:
@@ -426,8 +435,16 @@ def finish(session: TrainSession, metrics: MetricsLog) -> dict[str, Any]:
                 session.data.test,
                 session.autocast_dtype,
                 "after",
+                say=say,
+                output_dir=session.output_dir if world.is_main else None,
             ),
         )
+    if job.evaluation.general:
+        general = run_on_model(
+            session, lambda model: general_text(job, model, session.tokenizer, session.autocast_dtype)
+        )
+        if world.is_main:
+            results["general"] = {**results.get("general", {}), "after": general}
     if not world.is_main:
         world.barrier()  # until rank 0 has written everything
         return {}
@@ -446,13 +463,6 @@ def validation_loss(session: TrainSession) -> dict[str, float]:
         pad_token_id=session.tokenizer.pad_token_id,
         autocast_dtype=session.autocast_dtype,
     )
-
-
-def evaluate_test(job, task: Task, model, tokenizer, examples, autocast_dtype, label: str) -> dict[str, Any]:
-    """The task's held-out metrics (causal LM: accuracy by generation), printed as they come."""
-    out = task.evaluate(model, tokenizer, examples, eval_cfg=job.evaluation, autocast_dtype=autocast_dtype)
-    say(f"Held-out {label} fine-tuning ({out['n']} examples): {task.metric_lines(out)[0]}")
-    return out
 
 
 def run_training(

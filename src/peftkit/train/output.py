@@ -1,7 +1,8 @@
 """What a training run keeps in its output directory, and the results it prints at the end.
 
 ``output_dir/`` holds ``adapter/`` (the final adapter and tokenizer), ``checkpoints/``
-(``train/checkpoint.py``), ``metrics.jsonl`` and its plot (``train/metrics.py``),
+(``train/checkpoint.py``), ``metrics.jsonl`` and its plot (``train/metrics.py``), ``tensorboard/``
+(with ``logging.report_to: [tensorboard]``, ``train/reporting.py``),
 ``eval_results.json`` and ``train_config.yaml`` (the job as run, which ``--resume`` compares with).
 While a run trains, its writing process holds ``.peftkit-train.lock`` there (``train/run_lock.py``).
 """
@@ -19,11 +20,13 @@ from typing import Any
 import yaml
 
 from peftkit.errors import PeftkitError
+from peftkit.forgetting import forgetting_lines
 from peftkit.io import move_aside, remove_stale_temporaries
 from peftkit.tasks import Task
 from peftkit.train.checkpoint import checkpoints_dir, latest_checkpoint, list_checkpoints
 from peftkit.train.distributed import World
 from peftkit.train.metrics import METRICS_FILE, PLOT_FILE
+from peftkit.train.reporting import DEFAULT_LOGGING_SUBDIR
 from peftkit.train.run_lock import RunLock
 
 ADAPTER_DIR = "adapter"
@@ -35,6 +38,7 @@ CONFIG_FILE = "train_config.yaml"
 RESUMABLE = (
     "output_dir",
     "evaluation.",
+    "logging.",
     "training.log_every",
     "training.save_every",
     "training.keep_checkpoints",
@@ -127,6 +131,9 @@ def replace_previous_run(output_dir: Path) -> None:
         METRICS_FILE,
         PLOT_FILE,
         CONFIG_FILE,
+        DEFAULT_LOGGING_SUBDIR,  # TensorBoard would draw the old run's event files with the new one's
+        "predictions_before.jsonl",  # train/held_out.py
+        "predictions_after.jsonl",
     ):
         path = output_dir / name
         if path.is_dir():
@@ -167,6 +174,7 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def report(task: Task, results: dict[str, Any], plot: Path | None) -> None:
     lines = ["", "=== peftkit train: results ===", *task.report_lines(results)]
+    lines += forgetting_lines(results.get("general"))
     if "validation" in results:
         lines.append(
             "validation "

@@ -27,16 +27,13 @@ def split_precision(model: nn.Module, frozen_dtype: torch.dtype) -> None:
 
 
 def store_in_dtype(model: nn.Module, dtype: torch.dtype) -> None:
-    """``model.to(dtype)``, except that quantized weights (QLoRA bases) keep their packed storage.
+    """Store every floating-point parameter in ``dtype``; buffers keep theirs.
 
-    transformers refuses ``.to(dtype)`` on bitsandbytes models; their packed uint8/int8 weights are
-    not floating point and are skipped here, every floating-point parameter is cast.
+    Not ``model.to(dtype)``: that also rounds buffers, e.g. the rotary position frequencies
+    (``inv_freq``), to bf16, which shifts every position's angle and which inference (and other
+    trainers under autocast) never does. Quantized weights (QLoRA bases) are not floating point
+    and keep their packed storage (transformers refuses ``.to(dtype)`` on those models anyway).
     """
-    from peftkit.quantization import is_quantized
-
-    if not is_quantized(model):
-        model.to(dtype)
-        return
     for param in model.parameters():
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
