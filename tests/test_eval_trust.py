@@ -182,3 +182,15 @@ def test_threads_option(tiny_model_dir, tmp_path, capsys):
         torch.set_num_threads(before)
     assert cli_main.main([*argv, "--threads", "0"]) != 0
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_report_shows_the_prompt_as_written_and_the_summary(trained):
+    """Sample lines show the user's prompt, not chat-template fragments (issue 18, point 8)."""
+    from peftkit.tasks import get_task
+
+    _, _, results = trained
+    lines = get_task("CAUSAL_LM").report_lines(results)
+    samples = lines[lines.index("sample predictions (prompt -> prediction):") + 1 :]
+    assert samples and all(line.startswith("  'the word ") for line in samples)
+    assert not any("im_start" in line or "assistant" in line for line in lines)
+    assert any(line.strip().startswith("majority baseline 0.500") for line in lines)
