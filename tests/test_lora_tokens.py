@@ -372,7 +372,12 @@ def test_training_with_new_tokens_reloads_with_the_same_logits(train, tiny_model
 
     # `peftkit generate --adapter` path: resizes a fresh base from the saved tokenizer
     args = Namespace(
-        base_model=None, adapter=str(adapter), dtype="float32", trust_remote_code=False, device="cpu"
+        base_model=None,
+        adapter=str(adapter),
+        dtype="float32",
+        trust_remote_code=False,
+        device="cpu",
+        precision="fp32",  # as the job trained
     )
     reloaded, tokenizer = load_model_from_args(args)
     assert tokenizer.convert_tokens_to_ids(NEW_TOKENS) == new_ids
