@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-
-def _spin(stop) -> None:
-    while not stop.is_set():
-        sum(range(10_000))
+SPIN = "while True: sum(range(10_000))"  # a process that keeps one core busy until killed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--busy", type=int, default=1, help="spinning processes for the loaded case")
@@ -35,7 +33,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--json", metavar="FILE")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -59,21 +57,20 @@ def main() -> None:
 
     results = {"cpus": machine_cpus(), "default_threads": default, "busy": args.busy, "runs": []}
     for load in (0, args.busy):
-        stop = multiprocessing.Event()
-        hogs = [multiprocessing.Process(target=_spin, args=(stop,), daemon=True) for _ in range(load)]
-        for hog in hogs:
-            hog.start()
+        hogs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(load)]
         times = {n: [] for n in counts}
-        for n in counts:  # warm-up, one step each
-            torch.set_num_threads(n)
-            step()
-        for _ in range(args.steps):
-            for n in counts:
+        try:
+            for n in counts:  # warm-up, one step each
                 torch.set_num_threads(n)
-                times[n].append(step())
-        stop.set()
-        for hog in hogs:
-            hog.join()
+                step()
+            for _ in range(args.steps):
+                for n in counts:
+                    torch.set_num_threads(n)
+                    times[n].append(step())
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
         base = statistics.median(times[default])
         for n in counts:
             median = statistics.median(times[n])
