@@ -90,6 +90,24 @@ def test_evaluate_loss_is_token_weighted_and_padding_free(tiny_llama, tiny_token
     assert abs(sum(per_batch) / 2 - expected) > 1e-3
 
 
+def test_evaluate_loss_under_a_soft_prompt_skips_the_virtual_positions(tiny_tokenizer):
+    """Prompt tuning prepends virtual tokens to the logits; the loss is on the real tokens (as the
+    model's own loss with labels computes it). `peftkit eval` and validation crashed here before."""
+    from conftest import make_tiny_llama
+    from peftkit import PromptTuningConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    rows = make_rows(tiny_tokenizer)
+    result = evaluate_loss(model, rows, batch_size=2, pad_token_id=tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        own = [
+            model(input_ids=torch.tensor([r.input_ids]), labels=torch.tensor([r.labels])).loss for r in rows
+        ]
+    counts = [sum(label != IGNORE_INDEX for label in r.labels[1:]) for r in rows]
+    expected = sum(loss.item() * n for loss, n in zip(own, counts)) / sum(counts)
+    assert result["tokens"] == sum(counts) and result["loss"] == pytest.approx(expected, abs=1e-5)
+
+
 def test_evaluate_loss_restores_training_mode(tiny_llama, tiny_tokenizer):
     tiny_llama.train()
     evaluate_loss(tiny_llama, make_rows(tiny_tokenizer), batch_size=2, pad_token_id=0)

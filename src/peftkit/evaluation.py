@@ -81,6 +81,8 @@ def evaluate_loss(
             labels = _pad([r.labels for r in rows], IGNORE_INDEX, left=False).to(device)
             attention_mask = _pad([[1] * len(r.input_ids) for r in rows], 0, left=False).to(device)
             logits = _logits(model(input_ids=input_ids, attention_mask=attention_mask))  # (batch, seq, vocab)
+            # Soft prompts (prompt tuning, P-tuning) prepend virtual tokens: their positions come first.
+            logits = logits[:, logits.shape[1] - input_ids.shape[1] :]
             targets = labels[:, 1:]  # position t predicts token t+1
             mask = targets != IGNORE_INDEX
             picked = logits[:, :-1][mask].float()  # (label tokens, vocab): only where loss is taken
