@@ -372,6 +372,15 @@ def test_train_then_eval_reports_the_tasks_metrics(name, tmp_path, bert_tok, tin
     for key in keys:
         if isinstance(results["after"][key], float):  # the same adapter on the same split: the same numbers
             assert evaluated[key] == pytest.approx(results["after"][key], rel=1e-4, abs=1e-6)
+    if task_type in ("SEQ_CLS", "SEQ_2_SEQ_LM"):  # every prediction kept, with the row it came from
+        kept = [json.loads(line) for line in (out / "predictions_after.jsonl").read_text().splitlines()]
+        again = [json.loads(line) for line in (tmp_path / "eval.predictions.jsonl").read_text().splitlines()]
+        assert len(kept) == 4 and [r["predicted"] for r in again] == [r["predicted"] for r in kept]
+        assert all(r["origin"].startswith(f"{data}:") and r["prompt"] for r in kept)
+        assert sum(r["correct"] for r in kept) / 4 == pytest.approx(
+            results["after"]["accuracy" if task_type == "SEQ_CLS" else "exact_match"]
+        )
+        assert "majority baseline" in capsys.readouterr().out
 
 
 def test_generate_refuses_a_classifier_adapter(tmp_path):

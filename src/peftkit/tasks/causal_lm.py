@@ -20,8 +20,8 @@ import torch
 from peftkit.data.encode import Encoder
 from peftkit.data.formats import LM_FORMATS
 from peftkit.methods.base import TaskType
-from peftkit.prediction_summary import summarise_predictions, summary_lines
 from peftkit.tasks.base import Task
+from peftkit.tasks.predictions import record, summarised
 from peftkit.train.batching import collate, count_label_tokens
 from peftkit.train.loss import lm_loss_sum
 from peftkit.train.packing import pack
@@ -110,18 +110,10 @@ class CausalLMTask(Task):
         )
         rows = [e for e in examples if e.answer is not None]  # evaluate_generation's, in its order
         predictions = [prediction_record(e, s) for e, s in zip(rows, out["samples"])]
-        summary = summarise_predictions(
-            [p["predicted"] for p in predictions],
-            [p["expected"] for p in predictions],
-            [p["correct"] for p in predictions],
-            mode=eval_cfg.match,
-            options=eval_cfg.match_options(),
-        )
         return {
             "accuracy": out["accuracy"],
             "n": out["n"],
-            "summary": summary_dict(summary),
-            "summary_lines": summary_lines(summary),
+            **summarised(predictions, mode=eval_cfg.match, options=eval_cfg.match_options()),
             "samples": predictions[: eval_cfg.show_samples],
             "predictions": predictions,  # all of them: written to predictions*.jsonl, not the results
         }
@@ -208,28 +200,8 @@ def prediction_record(example: Any, sample: Any) -> dict[str, Any]:
     """One line of predictions*.jsonl: where the row came from, the prompt as the user wrote it
     (the data file's last user message; the templated prompt where a row has none), the expected
     and the predicted answer, and whether they matched."""
-    return {
-        "origin": example.origin,
-        "prompt": getattr(example, "prompt", None) or sample.prompt,
-        "expected": sample.answer,
-        "predicted": sample.prediction,
-        "correct": sample.correct,
-    }
-
-
-def summary_dict(summary: Any) -> dict[str, Any]:
-    """A :class:`~peftkit.prediction_summary.PredictionSummary` as the results JSON keeps it."""
-    return {
-        "majority_answer": summary.majority.answer,
-        "majority_baseline": summary.majority.accuracy,
-        "distinct_predictions": summary.spread.distinct,
-        "most_common_prediction": summary.spread.most_common,
-        "most_common_share": summary.spread.share,
-        "recall": None
-        if summary.recall is None
-        else {r.answer: {"correct": r.correct, "total": r.total, "recall": r.recall} for r in summary.recall},
-        "collapse_warning": summary.collapse,
-    }
+    prompt = getattr(example, "prompt", None) or sample.prompt
+    return record(example.origin, prompt, sample.answer, sample.prediction, sample.correct)
 
 
 def _format_sample(sample: dict[str, Any]) -> str:

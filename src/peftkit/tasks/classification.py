@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from peftkit.methods.base import TaskType
 from peftkit.tasks.base import LabelledTask, TaskEncoder, TaskExample, encoder_inputs, label_ids
+from peftkit.tasks.predictions import input_text, record, summarised
 
 
 class ClassificationEncoder(TaskEncoder):
@@ -100,6 +101,10 @@ class ClassificationTask(LabelledTask):
         )
         predicted = [self.labels[i] for i in ids]
         gold = [self.labels[e.target] for e in examples]
+        records = [
+            record(e.origin, input_text(tokenizer, e), g, p, p == g)
+            for e, p, g in zip(examples, predicted, gold)
+        ]
         return {
             "accuracy": accuracy(predicted, gold),
             "macro_f1": macro_f1(predicted, gold, labels=self.labels),
@@ -107,10 +112,13 @@ class ClassificationTask(LabelledTask):
             "per_class": {
                 str(k): v for k, v in per_class_scores(predicted, gold, labels=self.labels).items()
             },
+            **summarised(records, recall=False),  # per_class has the recall
+            "predictions": records,
         }
 
     def metric_lines(self, metrics: dict[str, Any]) -> list[str]:
         lines = [f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"]
+        lines += metrics.get("summary_lines", [])
         for name, s in metrics.get("per_class", {}).items():
             lines.append(
                 f"  {name}: precision {s['precision']:.3f} recall {s['recall']:.3f} f1 {s['f1']:.3f} "

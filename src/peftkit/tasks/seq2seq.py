@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from peftkit.methods.base import TaskType
 from peftkit.tasks.base import IGNORE_INDEX, Task, TaskEncoder, TaskExample, inference, pad
+from peftkit.tasks.predictions import input_text, record, summarised
 
 GENERATION_MARGIN = 4
 """Tokens generated beyond a batch's longest reference target (which already ends with eos)."""
@@ -109,17 +110,23 @@ class Seq2SeqTask(Task):
                 predictions += [
                     t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)
                 ]
-        exact = sum(
+        correct = [
             " ".join(p.split()) == " ".join(str(e.answer).split()) for p, e in zip(predictions, examples)
-        )
+        ]
         samples = [{"prediction": p, "answer": e.answer} for p, e in zip(predictions, examples)]
+        records = [
+            record(e.origin, input_text(tokenizer, e), e.answer, p, ok)
+            for e, p, ok in zip(examples, predictions, correct)
+        ]
         loss = val["val_loss"]
         return {
             "loss": loss,
             "perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "exact_match": exact / len(examples),
+            "exact_match": sum(correct) / len(examples),
             "n": len(examples),
             "samples": samples[: eval_cfg.show_samples],
+            **summarised(records),
+            "predictions": records,
         }
 
     def metric_lines(self, metrics: dict[str, Any]) -> list[str]:
@@ -127,5 +134,6 @@ class Seq2SeqTask(Task):
             f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.3f}, "
             f"exact match of greedy generations {metrics['exact_match']:.3f}"
         ]
+        lines += metrics.get("summary_lines", [])
         lines += [f"  {s['prediction']!r} (expected {s['answer']!r})" for s in metrics.get("samples", [])]
         return lines
