@@ -468,7 +468,7 @@ def test_fsdp_full_fine_tuning_in_bf16_with_tied_embeddings(tmp_path, capfd):
         del raw["lora"]
         raw.update(method="full", full={})
         raw["training"].update(precision="bf16", learning_rate=1e-3)
-        raw["evaluation"] = {"accuracy_after": True, "max_new_tokens": 3}
+        raw["evaluation"] = {"accuracy_after": True, "max_new_tokens": 3, "general": "builtin"}
         raw["data"]["val_size"] = 2
         _train(raw, tmp_path, nproc)
         runs[nproc] = out
@@ -480,6 +480,11 @@ def test_fsdp_full_fine_tuning_in_bf16_with_tied_embeddings(tmp_path, capfd):
         torch.testing.assert_close(weights[2][key], value, atol=2e-2, rtol=2e-2, msg=key)
     results = json.loads((runs[2] / "eval_results.json").read_text())
     assert "after" in results and "validation" in results
+    # forgetting is measured on every rank inside the sharded model, like validation
+    single = json.loads((runs[1] / "eval_results.json").read_text())["general"]
+    for when in ("before", "after"):
+        assert results["general"][when]["tokens"] == single[when]["tokens"] > 0
+        assert results["general"][when]["loss"] == pytest.approx(single[when]["loss"], rel=2e-2)
     loaded = AutoPeftModelForCausalLM.from_pretrained(runs[2] / "adapter")  # one process, whole weights
     for name, param in loaded.named_parameters():
         if name.endswith("lm_head.weight") or name.endswith("embed_tokens.weight"):
