@@ -133,6 +133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "otherwise pick them by load, and bf16 sums, hence short runs, depend on the thread count",
     )
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama on toy data (smoke test)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the cells already in --out (written after every cell) and run only the others",
+    )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON results file")
     args = p.parse_args(argv)
     if min(args.steps) < 1:
@@ -697,7 +702,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "bf16" in precisions and not bf16_supported("cpu"):
         precisions.remove("bf16")
         notes.append("bf16 skipped: this CPU has no native bf16 (AVX512-BF16 / AMX), emulation would crawl")
-    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="loss_parity-") as tmp:
         work = Path(tmp)
         args.tiny_sets = make_tiny(work) if args.tiny else []
@@ -712,14 +716,92 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tokenizer": tokenizer,
             "scaling": lc.lora_alpha / (math.sqrt(lc.r) if lc.use_rslora else lc.r),
         }
+        out = Path(args.out)
+        runs = previous_runs(args, out) if args.resume else []
+        done = {(r["precision"], r["steps"], r["seed"]) for r in runs}
         for precision in precisions:
             for steps in args.steps:
                 for seed in args.seeds:
+                    if (precision, steps, seed) in done:
+                        print(
+                            f"[loss_parity] {precision} {steps} steps seed {seed}: kept from {out}",
+                            file=sys.stderr,
+                        )
+                        continue
                     cell = work / f"{precision}-{steps}-{seed}"
                     runs.extend(run_cell(args, shared, precision, steps, seed, cell).values())
-    rows = summarise(runs)
-    results = {
-        "table": rows,
+                    # a long benchmark (hours on a CPU) must survive an interruption: --resume
+                    write_results(
+                        out, results_of(args, runs, precisions, notes, shared, started, complete=False)
+                    )
+    results = results_of(args, runs, precisions, notes, shared, started, complete=True)
+    print(table(results["table"]))
+    for note in notes:
+        print(note)
+    write_results(out, results)
+    print(f"results written to {out} ({results['settings']['total_wall_s']:.0f} s)")
+    return results
+
+
+# settings a kept cell must share with the current run to be comparable
+RESUME_KEYS = (
+    "config",
+    "set",
+    "peftkit_set",
+    "tiny",
+    "frameworks",
+    "schedule",
+    "init",
+    "hf_frozen_bf16",
+    "heldout_split",
+    "threads",
+)
+
+
+def previous_runs(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    if not out.exists():
+        return []
+    previous = json.loads(out.read_text())
+    now = vars(args)
+    differ = [k for k in RESUME_KEYS if previous["settings"].get(k) != now.get(k)]
+    if differ:
+        raise SystemExit(
+            f"--resume: {out} was made with other settings ({', '.join(differ)}); "
+            "use another --out or the same options"
+        )
+    kept = [
+        r
+        for r in previous["runs"]
+        if r["precision"] in args.precision and r["steps"] in args.steps and r["seed"] in args.seeds
+    ]
+    cells: dict[tuple, set] = {}
+    for r in kept:
+        cells.setdefault((r["precision"], r["steps"], r["seed"]), set()).add(r["framework"])
+    whole = {c for c, fws in cells.items() if fws == set(args.frameworks)}
+    return [r for r in kept if (r["precision"], r["steps"], r["seed"]) in whole]
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out)
+
+
+def results_of(
+    args: argparse.Namespace,
+    runs: list[dict[str, Any]],
+    precisions: list[str],
+    notes: list[str],
+    shared: dict[str, Any],
+    started: float,
+    complete: bool,
+) -> dict[str, Any]:
+    from peftkit.models import bf16_supported
+
+    return {
+        "complete": complete,
+        "table": summarise(runs),
         "runs": runs,
         "settings": {
             "config": args.config,
@@ -743,14 +825,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "total_wall_s": time.perf_counter() - started,
         },
     }
-    print(table(rows))
-    for note in notes:
-        print(note)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"results written to {out} ({results['settings']['total_wall_s']:.0f} s)")
-    return results
 
 
 def peftkit_init(job: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import load_benchmark
@@ -64,6 +65,57 @@ def test_a_different_setting_is_caught(tmp_path):
     assert tr["lrs"][0] == 0.0 and pk["lrs"][0] == 1e-3
     assert abs(tr["losses"][0] - pk["losses"][0]) < 1e-4
     assert tr["max_step_loss_diff"] > 1e-3
+
+
+def test_an_interrupted_benchmark_resumes(tmp_path):
+    """Results are written after every cell; --resume keeps the finished cells and runs the rest,
+    and refuses a file made with other settings (its cells would not be comparable)."""
+    fast = ("--frameworks", "peftkit", "trainer", "--no-accuracy")
+    first = run(tmp_path, "resume", *fast)
+    assert first["complete"] and {r["seed"] for r in first["runs"]} == {0}
+    bench = load_benchmark(SCRIPT)
+    out = tmp_path / "resume.json"
+    threads = torch.get_num_threads()
+    try:
+        both = bench.main(
+            [
+                "--tiny",
+                "--steps",
+                "3",
+                "--seeds",
+                "0",
+                "1",
+                "--precision",
+                "fp32",
+                "--out",
+                str(out),
+                "--resume",
+                *fast,
+            ]
+        )
+        kept = [r for r in both["runs"] if r["seed"] == 0]
+        assert kept == first["runs"]  # not rerun
+        assert {r["seed"] for r in both["runs"]} == {0, 1} and len(both["table"]) == 2
+        with pytest.raises(SystemExit, match="schedule"):
+            bench.main(
+                [
+                    "--tiny",
+                    "--steps",
+                    "3",
+                    "--seeds",
+                    "0",
+                    "--precision",
+                    "fp32",
+                    "--out",
+                    str(out),
+                    "--resume",
+                    "--schedule",
+                    "own",
+                    *fast,
+                ]
+            )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_standalone_init_is_peftkits(tmp_path):
