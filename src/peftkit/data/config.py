@@ -23,6 +23,8 @@ Format = Literal[
     "tokens_tags",
     "qa",
     "source_target",
+    "preference",
+    "kto",
 ]
 TrainOn = Literal["completion", "all"]
 EncodingErrors = Literal["strict", "replace"]
@@ -38,6 +40,9 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "tokens_tags": ("tokens", "tags"),
     "qa": ("question", "context", "[answers]", "[answer]", "[answer_start]"),
     "source_target": ("source", "target"),
+    # Formats of the preference objectives (peftkit.data.preference): each field a string or messages.
+    "preference": ("[prompt]", "chosen", "rejected"),
+    "kto": ("prompt", "completion", "label"),
 }
 
 Source = str | list[dict[str, Any]]
@@ -69,7 +74,8 @@ class DataConfig:
             "[{role, content}]), prompt_completion (prompt, completion), text (text: every "
             "token is trained on); for other tasks: text_label (text, label, [text_pair]), "
             "tokens_tags (tokens, tags), qa (question, context, answers), source_target (source, "
-            "target). auto: detected from the first row's keys among the formats of the job's task."
+            "target); for the preference objectives: preference (prompt, chosen, rejected) and kto (prompt, "
+            "completion, label). auto: detected from the first row's keys among the formats of the job's task."
         },
     )
     columns: dict[str, str] = field(

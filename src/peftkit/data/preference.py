@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from peftkit.data.config import DataConfig
+from peftkit.data.config import FORMAT_FIELDS, DataConfig
 
 # Private helpers of .formats, imported rather than copied so that preference rows read
 # fields, messages and turn order exactly as the SFT formats do (task_formats does the same).
@@ -51,10 +51,7 @@ from peftkit.errors import DataError
 Messages = list[dict[str, str]]
 
 #: The fields each preference format reads (after ``columns`` renaming); optional in brackets.
-PREFERENCE_FIELDS: dict[str, tuple[str, ...]] = {
-    "preference": ("[prompt]", "chosen", "rejected"),
-    "kto": ("prompt", "completion", "label"),
-}
+PREFERENCE_FIELDS: dict[str, tuple[str, ...]] = {name: FORMAT_FIELDS[name] for name in ("preference", "kto")}
 
 _TRUE, _FALSE = "true", "false"
 
@@ -147,6 +144,18 @@ def to_unpaired(record: Record, cfg: DataConfig) -> UnpairedCompletion:
     _check_completion(prompt, completion, "completion", cfg)
     desirable = _desirable(row, cfg)
     return UnpairedCompletion(record.origin, _with_system(prompt, cfg), completion, desirable)
+
+
+def pair_fields(row: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
+    """A ``preference`` row as the fields a preference task encodes (data/task_formats.py)."""
+    pair = to_pair(Record("", row), cfg)
+    return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+
+
+def unpaired_fields(row: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
+    """A ``kto`` row as the fields KTO encodes."""
+    row_ = to_unpaired(Record("", row), cfg)
+    return {"prompt": row_.prompt, "completion": row_.completion, "desirable": row_.desirable}
 
 
 def _is_conversation(row: dict[str, Any], name: str, cfg: DataConfig) -> bool:

@@ -58,6 +58,7 @@ class PreferenceExample:
     rejected_ids: list[int]
     origin: str
     truncated: bool = False
+    ref: tuple[float, float] | None = None  # reference log-probs (chosen, rejected) when precomputed
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))

@@ -311,7 +311,7 @@ def build_datasets(
             if report.sizes[split] != len(out[split]):
                 report.windows[split] = len(out[split])
             firsts = [e for e in out[split] if getattr(e, "window", 0) == 0]
-            counts = Counter(e.answer for e in firsts if e.answer is not None)
+            counts = Counter(e.answer for e in firsts if getattr(e, "answer", None) is not None)
             if 0 < len(counts) <= 20:
                 report.answers[split] = dict(counts)
     return DataSplits(out["train"], out["validation"], out["test"], report)

@@ -19,6 +19,7 @@ from typing import Any
 
 from peftkit.data.config import DataConfig
 from peftkit.data.formats import EmptyRowError, RowError, _missing, _optional_text, _text
+from peftkit.data.preference import pair_fields, unpaired_fields
 
 
 def _label(row: dict[str, Any], name: str, cfg: DataConfig) -> str:
@@ -107,5 +108,7 @@ TASK_FORMATS: dict[str, Callable[[dict[str, Any], DataConfig], dict[str, Any]]] 
     "tokens_tags": tokens_tags,
     "qa": qa,
     "source_target": source_target,
+    "preference": pair_fields,
+    "kto": unpaired_fields,
 }
 """Format name -> row reader; the task packages encode what these return."""

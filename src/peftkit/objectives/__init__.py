@@ -1,9 +1,15 @@
 """Training objectives beyond next-token prediction: preference optimisation and reward modelling.
 
 ``losses`` holds the math as pure functions of sequence log-probabilities (DPO and its variants,
-SimPO, ORPO, KTO, Bradley-Terry reward loss) and the metrics TRL logs for them.
+SimPO, ORPO, KTO, Bradley-Terry reward loss) and the metrics TRL logs for them; ``sequence`` the
+completion log-probabilities and the reference model; one module per objective family
+(``pairwise``: dpo, orpo, simpo; ``kto``; ``reward``) holds its task, the hooks the one training
+loop calls (``peftkit.tasks.Task``). :data:`OBJECTIVE_TASKS` is the registry.
 """
 
+from typing import Any
+
+from peftkit.objectives.config import OBJECTIVES, PreferenceConfig
 from peftkit.objectives.losses import (
     DPO_LOSS_TYPES,
     KTOLoss,
@@ -23,7 +29,26 @@ from peftkit.objectives.losses import (
     token_logps_from_logits,
 )
 
+
+def objective_tasks() -> dict[str, Any]:
+    """objective name -> its task class (imported on first use: the tasks import the loop's helpers)."""
+    from peftkit.objectives.kto import KTOTask
+    from peftkit.objectives.pairwise import DPOTask, ORPOTask, SimPOTask
+    from peftkit.objectives.reward import RewardTask
+
+    return {"dpo": DPOTask, "kto": KTOTask, "orpo": ORPOTask, "simpo": SimPOTask, "reward": RewardTask}
+
+
+def objective_task(objective: str, preference: PreferenceConfig | None = None) -> Any:
+    """A fresh task object for a preference ``objective`` (not ``sft``)."""
+    return objective_tasks()[objective](preference)
+
+
 __all__ = [
+    "OBJECTIVES",
+    "PreferenceConfig",
+    "objective_task",
+    "objective_tasks",
     "DPO_LOSS_TYPES",
     "KTOLoss",
     "PreferenceLoss",

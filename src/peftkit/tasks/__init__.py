@@ -35,8 +35,13 @@ NOT_TRAINABLE = {
 }
 
 
-def get_task(task_type: TaskType | str | None) -> Task:
-    """A fresh task object for ``task_type`` (None: CAUSAL_LM)."""
+def get_task(task_type: TaskType | str | None, objective: str = "sft", preference: Any = None) -> Task:
+    """A fresh task object for ``task_type`` (None: CAUSAL_LM), or for a preference ``objective``
+    (dpo, kto, orpo, simpo, reward: ``peftkit.objectives``) with its ``preference`` options."""
+    if objective not in (None, "sft"):
+        from peftkit.objectives import objective_task
+
+        return objective_task(objective, preference)
     kind = TaskType(task_type) if task_type is not None else TaskType.CAUSAL_LM
     if kind in NOT_TRAINABLE:
         raise PeftkitError(NOT_TRAINABLE[kind])
@@ -62,7 +67,13 @@ def load_task(adapter_dir: str | Path, default: TaskType | str | None = None) ->
         config = Path(adapter_dir) / "adapter_config.json"
         if config.is_file():
             task_type = json.loads(config.read_text()).get("task_type")
-    task = get_task(task_type or default)
+    preference = None
+    if meta.get("objective") not in (None, "sft"):
+        from peftkit.configuration import from_dict
+        from peftkit.objectives import PreferenceConfig
+
+        preference = from_dict(PreferenceConfig, meta.get("preference") or {})
+    task = get_task(task_type or default, meta.get("objective") or "sft", preference)
     if meta.get("labels"):
         task.labels = list(meta["labels"])
     return task

@@ -139,8 +139,19 @@ class Task:
         return int(batch["input_ids"].shape[0])
 
     # -- training -----------------------------------------------------------------------------
+    def start_reference(self, model: Any, **run: Any) -> str | None:
+        """Set up what the loss compares ``model`` with (a preference objective's reference
+        model), once the adapter training starts from exists; a line for the log, or None.
+        ``run`` holds the data, run directory, world, precision and batch settings it may need."""
+        return None
+
     def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
+
+    def step_metrics(self, world: Any, device: torch.device) -> dict[str, float]:
+        """Metrics of the optimizer step just taken beyond the loss (e.g. DPO's rewards), averaged
+        over its micro-batches on all ranks; logged with the loss."""
+        return {}
 
     # -- evaluation ---------------------------------------------------------------------------
     def validation(

@@ -42,7 +42,7 @@ class MicroBatchStream:
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length
-        self.lengths = [len(e.input_ids) for e in examples]
+        self.lengths = [len(e) for e in examples]  # tokens per row (a preference pair: its longer row)
         self._epoch = -1
         self._batches: list[list[int]] = []
         self.batches_per_epoch = (len(examples) + batch_size - 1) // batch_size

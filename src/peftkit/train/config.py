@@ -4,6 +4,9 @@ Layout of a job file::
 
     base_model: smollm2-135m-instruct
     task: CAUSAL_LM     # or SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM (peftkit.tasks)
+    objective: sft      # or dpo, kto, orpo, simpo, reward (peftkit.objectives)
+    preference: {beta: 0.1}   # options of the preference objectives, objectives/config.py
+    init_adapter: runs/sft/adapter   # optional: start from a trained adapter (SFT -> DPO)
     method: lora
     lora:               # options of the chosen method (its config class's fields)
       r: 16
@@ -30,6 +33,7 @@ from typing import Any, Literal
 from peftkit.configuration import ConfigError, closest, from_dict, to_dict, unknown_key_message
 from peftkit.data import DataConfig
 from peftkit.methods.base import TaskType
+from peftkit.objectives.config import Objective, PreferenceConfig, objective_problems
 from peftkit.quantization import QuantizationConfig
 from peftkit.train.evaluation_config import EvaluationConfig
 from peftkit.train.reporting import LoggingConfig, reporter_problems
@@ -240,6 +244,28 @@ class TrainJobConfig:
             "model head, the data formats, the loss and the evaluation metrics."
         },
     )
+    objective: Objective = field(
+        default="sft",
+        metadata={
+            "help": "What the loss optimises. sft: next-token prediction on the answers (or the task's own "
+            "loss). dpo, kto, orpo, simpo: preference optimisation on data.format preference (prompt, "
+            "chosen, rejected; kto: prompt, completion, label) with the options in `preference`. reward: a "
+            "reward model, a one-output sequence-classification head trained on preference pairs "
+            "(task SEQ_CLS)."
+        },
+    )
+    preference: PreferenceConfig = field(
+        default_factory=PreferenceConfig,
+        metadata={"help": "Options of the preference objectives (beta, loss_type, reference, ...)."},
+    )
+    init_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start training from this saved adapter (its directory, e.g. runs/sft/adapter) instead "
+            "of a new one: its method and options replace the method section. With dpo / kto it is also "
+            "the reference, frozen. null: a new adapter."
+        },
+    )
     method: str = field(
         default="lora", metadata={"help": "Fine-tuning method; its options go in a section of the same name."}
     )
@@ -331,6 +357,12 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
             else:
                 method_section = section or {}
     problems.extend(_normalise_task(raw))
+    # Options set to other than their defaults (a recorded train_config.yaml lists every option).
+    defaults = to_dict(PreferenceConfig())
+    given = raw.get("preference") if isinstance(raw.get("preference"), dict) else {}
+    preference_keys = {k for k, v in given.items() if k not in defaults or v != defaults[k]}
+    if raw.get("objective") == "reward" and "task" not in raw:
+        raw["task"] = TaskType.SEQ_CLS.value  # a reward model is a one-output classifier
     top_fields = {f.name for f in dataclasses.fields(TrainJobConfig) if f.name != "method_config"}
     for key in list(raw):
         if key not in top_fields:
@@ -362,6 +394,9 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
                 f"(its layers need full-precision weights): use one of {', '.join(able) or 'none'}, "
                 "or set quantization: null"
             )
+    if job is not None:
+        problems.extend(objective_problems(job.objective, job.preference, preference_keys))
+        problems.extend(_objective_fit(job, method, spec))
     if job is not None and not job.output_dir.strip():
         problems.append(
             "'output_dir' is empty, which would write the run into the current directory: set it to a "
@@ -376,6 +411,45 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
     assert job is not None
     job.method_config = method_config
     return job
+
+
+def _objective_fit(job: TrainJobConfig, method: str, spec: Any) -> list[str]:
+    """Task, method and run settings a preference objective cannot work with, and why."""
+    problems = []
+    if job.objective == "reward" and job.task != TaskType.SEQ_CLS:
+        problems.append(
+            f"objective reward trains a one-output sequence-classification head, but 'task' is "
+            f"{job.task.value}: remove 'task' or set task: SEQ_CLS"
+        )
+    if job.objective not in ("sft", "reward") and job.task != TaskType.CAUSAL_LM:
+        problems.append(
+            f"objective {job.objective} scores the completions' log-probabilities under a language model, "
+            f"but 'task' is {job.task.value}: set task: CAUSAL_LM"
+        )
+    if job.objective != "sft":
+        if job.training.packing:
+            problems.append(
+                f"'training.packing' is true but objective {job.objective} needs each completion's own "
+                "log-probability (chosen and rejected share a prompt): set training.packing: false"
+            )
+        if job.distributed == "fsdp" or (job.distributed == "auto" and method == "full"):
+            problems.append(
+                f"objective {job.objective} under FSDP is not supported yet (the reference pass needs the "
+                "whole weights): set distributed: ddp (ignored in a single process)"
+            )
+    if job.init_adapter is not None:
+        if method == "full":
+            problems.append(
+                "'init_adapter' starts from a saved adapter, but method is full (no adapter): to continue "
+                "from a fully fine-tuned model, set base_model to its directory"
+            )
+        elif not (Path(job.init_adapter) / "adapter_config.json").is_file():
+            problems.append(
+                f"'init_adapter' is {job.init_adapter}, which has no adapter_config.json: give the directory "
+                "of a saved adapter (e.g. runs/my-run/adapter)"
+            )
+    del spec
+    return problems
 
 
 def _methods_with(capability: str, methods: list[str]) -> list[str]:

@@ -34,18 +34,19 @@ from peftkit.errors import PeftkitError
 from peftkit.io import atomic_file, write_json
 from peftkit.precision import describe, resolve_autocast
 from peftkit.seeding import seed_everything
-from peftkit.tasks import Task, get_task, save_task
+from peftkit.tasks import Task, get_task
 from peftkit.threads import StepTimeWatch, choose_threads
+from peftkit.train.adapter_start import attach_adapter
 from peftkit.train.batching import MicroBatchStream
 from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.train.compile import CompiledLayers
 from peftkit.train.config import TrainJobConfig
 from peftkit.train.distributed import World, choose_strategy, data_parallel, no_sync
-from peftkit.train.fsdp import FullStateDict, full
+from peftkit.train.finish import finish, run_on_model, validation_loss
+from peftkit.train.fsdp import full
 from peftkit.train.held_out import evaluate_test, general_text
 from peftkit.train.metrics import MetricsLog
 from peftkit.train.output import (
-    ADAPTER_DIR,
     CONFIG_FILE,
     RESULTS_FILE,
     claim_output_dir,
@@ -53,7 +54,6 @@ from peftkit.train.output import (
     read_results,
     recorded_base,
     replace_previous_run,
-    report,
 )
 from peftkit.train.packing import check_isolation
 from peftkit.train.precision import split_precision, store_in_dtype
@@ -102,12 +102,12 @@ def autocast(session: TrainSession):
 
 
 def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False) -> TrainSession:
-    from peftkit import get_peft_model
     from peftkit.data import build_datasets, check_sources
     from peftkit.models import default_attention, load_model_and_tokenizer, resolve_device
 
     t = job.training
-    task = get_task(job.task)
+    setup_started = time.time()
+    task = get_task(job.task, job.objective, job.preference)
     check_tokens_for_method(job.tokens, job.method, job.method_config)
     check_sources(job.data, ("train",), task=task)  # before any model loads
     check_reporters(job.logging, job.output_dir)  # e.g. tensorboard not installed
@@ -164,16 +164,10 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
 
     previous = read_results(output_dir) if checkpoint is not None else {}
     results: dict[str, Any] = {"before": previous.get("before")} if previous.get("before") else {}
-    if job.evaluation.accuracy_before and not results.get("before") and data.test and world.is_main:
-        say(f"Evaluating the base model on {count_rows(data.test)} held-out examples ...")
-        results["before"] = evaluate_test(
-            job, task, model, tokenizer, data.test, autocast_dtype, "before", say=say, output_dir=output_dir
+    if job.init_adapter is None:  # else "before" is the starting adapter's, measured once it is loaded
+        evaluate_before(
+            job, task, model, tokenizer, data, autocast_dtype, previous, results, world, output_dir
         )
-    if job.evaluation.general and world.is_main:  # forgetting: the base model's general-text perplexity
-        results["general"] = previous.get("general") or {
-            "before": general_text(job, model, tokenizer, autocast_dtype)
-        }
-    world.barrier()
 
     torch.manual_seed(t.seed)  # adapter init does not depend on what evaluation consumed
     # The adapter records the name the job used (a built-in alias stays portable, unlike its
@@ -184,11 +178,29 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         task_type=job.task,  # build_job_config checked the method section agrees
     )
     method_config = with_new_tokens(job.tokens, method_config, model, new_token_ids)
-    model = get_peft_model(model, method_config)
+    model = attach_adapter(job, model, method_config)
     if autocast_dtype is not None:
         split_precision(model, autocast_dtype)
     if not quantized:
         model.to(device)
+    if job.init_adapter is not None:
+        say(f"Starting from the adapter in {job.init_adapter}")
+        evaluate_before(
+            job, task, model, tokenizer, data, autocast_dtype, previous, results, world, output_dir
+        )
+    reference = task.start_reference(
+        model,
+        init_adapter=job.init_adapter is not None,
+        data=data,
+        run_dir=output_dir,
+        world=world,
+        autocast_dtype=autocast_dtype,
+        batch_size=job.evaluation.batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        resume=checkpoint is not None,
+    )
+    if reference:
+        say(f"reference model: {reference}")
     if t.packing:
         check_isolation(model, device)  # an architecture that ignores position_ids would mix examples
     model.train()
@@ -250,11 +262,42 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
             torch.set_num_threads(state.num_threads)  # exact resume: the threads the run started with
         say(f"Resumed from {checkpoint} (step {state.step} of {total_steps})")
     if world.is_main:
-        if overwrite:
-            replace_previous_run(output_dir)  # only now: a run that fails to start keeps the old one
+        if overwrite:  # only now: a run that fails to start keeps the old one
+            replace_previous_run(output_dir, keep=written_by_setup(output_dir, setup_started))
         with atomic_file(output_dir / CONFIG_FILE, "w") as handle:
             yaml.safe_dump(recorded_config, handle, sort_keys=False)
     return session
+
+
+def written_by_setup(output_dir: Path, since: float) -> set[str]:
+    """Names of the files in ``output_dir`` this run's setup wrote (modified since ``since``)."""
+    return {p.name for p in output_dir.iterdir() if p.is_file() and p.stat().st_mtime >= since}
+
+
+def evaluate_before(
+    job: TrainJobConfig,
+    task: Task,
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    autocast_dtype: torch.dtype | None,
+    previous: dict[str, Any],
+    results: dict[str, Any],
+    world: World,
+    output_dir: Path,
+) -> None:
+    """The held-out metrics (and general-text perplexity) of the model training starts from: the
+    base, or init_adapter's; kept from the first start of a resumed run."""
+    if job.evaluation.accuracy_before and not results.get("before") and data.test and world.is_main:
+        say(f"Evaluating the starting model on {count_rows(data.test)} held-out examples ...")
+        results["before"] = evaluate_test(
+            job, task, model, tokenizer, data.test, autocast_dtype, "before", say=say, output_dir=output_dir
+        )
+    if job.evaluation.general and world.is_main:  # forgetting: the starting model's general-text perplexity
+        results["general"] = previous.get("general") or {
+            "before": general_text(job, model, tokenizer, autocast_dtype)
+        }
+    world.barrier()
 
 
 def train(
@@ -330,6 +373,7 @@ def _run_steps(
         scheduler.step()
         model.base_model.on_optimizer_step(step)  # e.g. AdaLoRA's rank allocation, which reads the grads
         optimizer.zero_grad(set_to_none=True)
+        objective_metrics = task.step_metrics(world, session.device)  # e.g. DPO's rewards/margins
 
         elapsed = time.perf_counter() - started
         watch.observe(step, elapsed)
@@ -356,7 +400,7 @@ def _run_steps(
             }
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
-            metrics.log(record)
+            metrics.log({**record, **objective_metrics})
         if (
             t.eval_every
             and step % t.eval_every == 0
@@ -388,81 +432,6 @@ def _run_steps(
             return {"interrupted_at": step}
     bar.close()
     return finish(session, metrics)
-
-
-def run_on_model(session: TrainSession, evaluate: Any) -> Any:
-    """``evaluate(model)`` where evaluation runs: under FSDP on every rank, inside the sharded root
-    module's forward (every rank takes part in gathering each layer, in lockstep: same inputs,
-    same outputs); otherwise on rank 0 alone (``None`` elsewhere)."""
-    if session.strategy == "fsdp":
-        result = session.loss_module(run=evaluate)
-        # FSDP keeps the root group gathered after a forward until the backward that never comes;
-        # gathered, its parameters are plain tensors whose storage the next reshard frees.
-        session.loss_module.reshard()
-        return result
-    return evaluate(session.model) if session.world.is_main else None
-
-
-def finish(session: TrainSession, metrics: MetricsLog) -> dict[str, Any]:
-    """Save the adapter, evaluate on held-out data, and write the results and the plot (rank 0)."""
-    job, world, model = session.job, session.world, session.model
-    adapter_dir = session.output_dir / ADAPTER_DIR
-    # Every rank reads the adapter's tensors whole (gathered under FSDP, so never partial); rank 0 writes.
-    model.save_pretrained(
-        adapter_dir, state_dict=FullStateDict(model.state_dict()), is_main_process=world.is_main
-    )
-    if world.is_main:
-        session.tokenizer.save_pretrained(adapter_dir)
-        save_task(session.task, adapter_dir)  # the task type and label names, for peftkit eval
-    results = dict(session.results)
-    results["adapter_dir"] = str(adapter_dir)
-    results["steps"] = session.total_steps
-    results["precision"] = describe(session.autocast_dtype)  # as `peftkit eval` reports it
-    if session.data.validation:
-        val = run_on_model(session, lambda _: validation_loss(session))
-        if world.is_main:
-            metrics.log({"step": session.total_steps, **val})
-        results["validation"] = val
-    if job.evaluation.accuracy_after and session.data.test:
-        say(f"Evaluating the fine-tuned model on {count_rows(session.data.test)} held-out examples ...")
-        results["after"] = run_on_model(
-            session,
-            lambda model: evaluate_test(
-                job,
-                session.task,
-                model,
-                session.tokenizer,
-                session.data.test,
-                session.autocast_dtype,
-                "after",
-                say=say,
-                output_dir=session.output_dir if world.is_main else None,
-            ),
-        )
-    if job.evaluation.general:
-        general = run_on_model(
-            session, lambda model: general_text(job, model, session.tokenizer, session.autocast_dtype)
-        )
-        if world.is_main:
-            results["general"] = {**results.get("general", {}), "after": general}
-    if not world.is_main:
-        world.barrier()  # until rank 0 has written everything
-        return {}
-    write_json(session.output_dir / RESULTS_FILE, results)
-    plot = metrics.plot()
-    report(session.task, results, plot)
-    world.barrier()
-    return results
-
-
-def validation_loss(session: TrainSession) -> dict[str, float]:
-    return session.task.validation(
-        session.model,
-        session.data.validation,
-        batch_size=session.job.evaluation.batch_size,
-        pad_token_id=session.tokenizer.pad_token_id,
-        autocast_dtype=session.autocast_dtype,
-    )
 
 
 def run_training(

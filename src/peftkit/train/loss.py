@@ -19,7 +19,7 @@ from peftkit.train.shared_prefix import SharedPrefix
 _CHUNK = 1024  # labelled positions projected at a time: bounds the logits buffer
 
 
-def _body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """The transformer body and output layer of a causal LM, when the model exposes them."""
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     prefix = getattr(hf_model, "base_model_prefix", None)
@@ -49,7 +49,7 @@ def lm_loss_sum(
         if position_ids is not None
         else {"attention_mask": batch["attention_mask"]}
     )
-    parts = _body_and_head(model)
+    parts = body_and_head(model)
     if parts is None:
         logits = model(**inputs).logits
         # Methods that prepend virtual tokens (prompt tuning) return logits for them too.

@@ -120,10 +120,11 @@ def recorded_base(base_model: str) -> str:
     return str(path.resolve()) if path.is_dir() else base_model
 
 
-def replace_previous_run(output_dir: Path) -> None:
-    """Remove what an earlier run wrote into ``output_dir`` (for ``--overwrite``), just before the
-    new run writes anything: a later ``--resume`` must never pick up the old run's checkpoints, and
-    an interrupted new run must not sit next to the old run's adapter. Other files are kept."""
+def replace_previous_run(output_dir: Path, keep: set[str] | frozenset[str] = frozenset()) -> None:
+    """Remove what an earlier run wrote into ``output_dir`` (for ``--overwrite``), once the new run
+    is set up: a later ``--resume`` must never pick up the old run's checkpoints, and an interrupted
+    new run must not sit next to the old run's adapter. Other files are kept, and so are the names
+    in ``keep``: what the new run's own setup already wrote (its "before" predictions ...)."""
     for name in (
         ADAPTER_DIR,
         checkpoints_dir(output_dir).name,
@@ -134,7 +135,10 @@ def replace_previous_run(output_dir: Path) -> None:
         DEFAULT_LOGGING_SUBDIR,  # TensorBoard would draw the old run's event files with the new one's
         "predictions_before.jsonl",  # train/held_out.py
         "predictions_after.jsonl",
+        "reference_logps.safetensors",  # objectives/precompute.py
     ):
+        if name in keep:
+            continue
         path = output_dir / name
         if path.is_dir():
             shutil.rmtree(move_aside(path), ignore_errors=True)

@@ -81,7 +81,7 @@ def check_isolation(model: Any, device: torch.device) -> None:
     per-example attention the second example's outputs do not depend on the first's tokens
     (masked scores are exactly zero after softmax). Costs two forward passes of 11 tokens.
     """
-    from peftkit.train.loss import _body_and_head
+    from peftkit.train.loss import body_and_head
 
     vocab_size = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
@@ -89,7 +89,7 @@ def check_isolation(model: Any, device: torch.device) -> None:
     second = torch.randint(vocab_size // 2, vocab_size, (5,), generator=generator)
     input_ids = torch.cat([first, second.expand(2, -1)], dim=1).to(device)
     position_ids = torch.cat([torch.arange(6), torch.arange(5)]).expand(2, -1).to(device)
-    parts = _body_and_head(model)
+    parts = body_and_head(model)
     was_training = model.training
     model.eval()
     try:

@@ -1,0 +1,155 @@
+"""Completion log-probabilities of a batch of rows, and the reference model they are compared with.
+
+:func:`completion_logps` runs the model's body once over all rows (chosen and rejected of a batch
+together) and the output layer only at labelled positions, in chunks, as the SFT loss does
+(``train/loss.py``): never ``[rows, seq, vocab]`` logits. Per row it returns the summed
+log-probability of the label tokens and how many there were.
+
+The reference (DPO, KTO) is the model training started from, evaluated without gradients::
+
+    AdapterOff    a new adapter: the base model, adapter disabled for the pass (costs nothing)
+    FrozenStart   init_adapter: the starting trainable weights, kept aside (one copy of the
+                  adapter) and pointed to during the pass (no copying of tensors)
+    precomputed   ``ref_*`` tensors in the batch (preference.reference: precompute)
+
+The reference pass runs BEFORE the policy's forward in a step: switching weights after the
+policy's forward would change tensors its backward still needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.methods.tuner_base import TunerBase
+from peftkit.train.batching import IGNORE_INDEX
+from peftkit.train.loss import body_and_head
+
+_CHUNK = 1024  # labelled positions projected at a time, as in train/loss.py
+
+
+def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's label tokens, number of label tokens per row), fp32.
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the completion);
+    position t's output predicts label t+1."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    counts = mask.sum(-1)
+    parts = body_and_head(model)
+    rows = batch["input_ids"].shape[0]
+    if parts is None:  # no separable output layer: full logits (small or unusual models only)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, -batch["input_ids"].shape[1] : -1]  # virtual tokens of prompt methods off
+        picked = _label_logps(logits[mask], labels[mask])
+    else:
+        body, head = parts
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, TunerBase):  # the method may add prompts or past key/values
+            hidden = tuner.body_hidden_states(body, batch["input_ids"], batch["attention_mask"])
+        else:
+            hidden = body(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            )[0]
+        selected = hidden[:, :-1][mask]  # (n_labels, hidden)
+        targets = labels[mask]
+        picked = (
+            torch.cat(
+                [
+                    _label_logps(head(selected[start : start + _CHUNK]), targets[start : start + _CHUNK])
+                    for start in range(0, selected.shape[0], _CHUNK)
+                ]
+            )
+            if selected.shape[0]
+            else selected.new_zeros((0,), dtype=torch.float32)
+        )
+    row_of_label = mask.nonzero()[:, 0]
+    sums = torch.zeros(rows, dtype=torch.float32, device=picked.device).index_add(0, row_of_label, picked)
+    return sums, counts
+
+
+def _label_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def token_nll(logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per label token of each row (0 for a row without labels)."""
+    return -logps / counts.clamp(min=1)
+
+
+class Reference:
+    """How the reference log-probs of a batch are obtained (see the module docstring)."""
+
+    name = "reference"
+
+    def logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Without gradients and in eval mode: the reference is the deterministic starting model
+        (no dropout), as TRL's separate reference model is."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.active(model):
+                return completion_logps(model, batch)
+        finally:
+            model.train(was_training)
+
+    @contextlib.contextmanager
+    def active(self, model: nn.Module) -> Iterator[None]:
+        yield
+
+
+class AdapterOff(Reference):
+    """The base model: the new adapter disabled for the pass."""
+
+    name = "the base model (adapter disabled)"
+
+    @contextlib.contextmanager
+    def active(self, model: nn.Module) -> Iterator[None]:
+        with model.disable_adapter():
+            yield
+
+
+class FrozenStart(Reference):
+    """The weights training started from (``init_adapter``), kept aside and swapped in by pointer."""
+
+    name = "the starting adapter, frozen"
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.start = [p.detach().clone() for p in self.params]
+
+    @contextlib.contextmanager
+    def active(self, model: nn.Module) -> Iterator[None]:
+        current = [p.data for p in self.params]
+        try:
+            for param, start in zip(self.params, self.start):
+                param.data = start
+            yield
+        finally:
+            for param, data in zip(self.params, current):
+                param.data = data
+
+
+def reference_logps(
+    reference: Reference | None, model: nn.Module, batch: dict[str, torch.Tensor], key: str = ""
+) -> torch.Tensor:
+    """Summed reference log-probs of ``batch``'s rows: the precomputed ``ref{key}_logps`` if the
+    batch carries them, else a pass through ``reference``."""
+    stored = batch.get(f"ref{key}_logps")
+    if stored is not None:
+        return stored.float()
+    if reference is None:
+        raise RuntimeError("this objective needs a reference model, and none was set up")
+    prefix = f"{key.strip('_')}_" if key else ""
+    rows = {name: batch[prefix + name] for name in ("input_ids", "attention_mask", "labels")}
+    return reference.logps(model, rows)[0]
+
+
+def auto_reference(model: Any, *, init_adapter: bool) -> Reference:
+    """The ``auto`` reference for ``model`` at the start of training."""
+    return FrozenStart(model) if init_adapter else AdapterOff()
