@@ -49,12 +49,19 @@ def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     else:
         body, head = parts
         tuner = getattr(model, "base_model", None)
-        if isinstance(tuner, TunerBase):  # the method may add prompts or past key/values
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if bool((batch["attention_mask"][:, 0] == 0).any()):  # left padding: positions from the mask
+            if isinstance(tuner, TunerBase) and not tuner.supports_packing:
+                raise ValueError(
+                    f"{type(tuner).__name__} adds virtual tokens, which need right-padded rows; "
+                    "collate the batch with right padding"
+                )
+            inputs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            hidden = body(**inputs, use_cache=False)[0]
+        elif isinstance(tuner, TunerBase):  # the method may add prompts or past key/values
             hidden = tuner.body_hidden_states(body, batch["input_ids"], batch["attention_mask"])
         else:
-            hidden = body(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            )[0]
+            hidden = body(**inputs, use_cache=False)[0]
         selected = hidden[:, :-1][mask]  # (n_labels, hidden)
         targets = labels[mask]
         picked = (
