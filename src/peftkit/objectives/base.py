@@ -64,6 +64,7 @@ class PreferenceTask(Task):
     loader_task = "causal_lm"
     formats: tuple[str, ...] = ("preference",)
     objective: str = ""
+    progress_metrics = ("rewards/margins", "rewards/accuracies", "kl", "margin", "accuracy")
 
     def __init__(self, preference: PreferenceConfig | None = None) -> None:
         super().__init__()

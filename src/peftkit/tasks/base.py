@@ -102,6 +102,7 @@ class Task:
     generative: bool = False
     has_perplexity: bool = False
     supports_packing: bool = False  # whether :meth:`pack` exists (training.packing)
+    progress_metrics: tuple[str, ...] = ()  # step_metrics keys the progress bar shows
 
     def __init__(self) -> None:
         self.labels: list[str] | None = None

@@ -383,8 +383,13 @@ def _run_steps(
             raise PeftkitError(
                 f"loss became {loss} at step {step}: lower training.learning_rate or check the data"
             )
+        shown = {
+            k.split("/")[-1]: f"{objective_metrics[k]:.3f}"
+            for k in task.progress_metrics
+            if k in objective_metrics
+        }
         bar.set_postfix(
-            loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / elapsed:.0f}", refresh=False
+            loss=f"{loss:.4f}", **shown, lr=f"{lr:.2e}", tok_s=f"{step_tokens / elapsed:.0f}", refresh=False
         )
         bar.update(1)
         if step % t.log_every == 0 or step == session.total_steps:

@@ -14,6 +14,8 @@ from peftkit.train.reporting import LoggingConfig, MetricsSink, open_sinks
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+#: Per-step metrics of the preference objectives drawn under the loss (objectives/losses.py names).
+OBJECTIVE_PLOT_KEYS = ("rewards/margins", "rewards/accuracies", "kl", "accuracy", "margin")
 PLOT_INTERVAL_S = 30.0  # redrawing costs ~0.2 s: often enough to watch a run, rare enough not to slow it
 
 
@@ -85,7 +87,17 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        extra = [key for key in OBJECTIVE_PLOT_KEYS if any(key in r for r in self.records)]
+        if extra:  # a preference objective: its margins / accuracies under the loss
+            fig, (ax, below) = plt.subplots(2, 1, figsize=(7, 6), dpi=110, sharex=True)
+            for key in extra:
+                points = [(r["step"], r[key]) for r in self.records if key in r]
+                below.plot(*zip(*points), lw=1, label=key)
+            below.set_xlabel("optimizer step")
+            below.grid(alpha=0.3)
+            below.legend()
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
         if train:
             steps, losses = zip(*train)
             ax.plot(steps, losses, lw=1, alpha=0.5, label="train loss")
@@ -99,8 +111,9 @@ class MetricsLog:
         if val:
             steps, losses = zip(*val)
             ax.plot(steps, losses, "o-", lw=2, label="validation loss")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats / label token)")
+        if not extra:
+            ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (per pair)" if extra else "loss (nats / label token)")
         finite = [v for _, v in train + val if math.isfinite(v)]
         if finite and max(finite) / max(min(finite), 1e-9) > 50:
             ax.set_yscale("log")
