@@ -65,6 +65,7 @@ class PreferenceTask(Task):
     formats: tuple[str, ...] = ("preference",)
     objective: str = ""
     progress_metrics = ("rewards/margins", "rewards/accuracies", "kl", "margin", "accuracy")
+    supports_fsdp = False  # the reference pass and the metrics are not tested sharded yet
 
     def __init__(self, preference: PreferenceConfig | None = None) -> None:
         super().__init__()

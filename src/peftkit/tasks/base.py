@@ -103,6 +103,7 @@ class Task:
     has_perplexity: bool = False
     supports_packing: bool = False  # whether :meth:`pack` exists (training.packing)
     progress_metrics: tuple[str, ...] = ()  # step_metrics keys the progress bar shows
+    supports_fsdp: bool = True  # whether its loss is tested with sharded parameters (train/fsdp.py)
 
     def __init__(self) -> None:
         self.labels: list[str] | None = None

@@ -432,10 +432,10 @@ def _objective_fit(job: TrainJobConfig, method: str, spec: Any) -> list[str]:
                 f"'training.packing' is true but objective {job.objective} needs each completion's own "
                 "log-probability (chosen and rejected share a prompt): set training.packing: false"
             )
-        if job.distributed == "fsdp" or (job.distributed == "auto" and method == "full"):
+        if job.distributed == "fsdp":  # auto picks fsdp for full fine-tuning: refused in setup then
             problems.append(
-                f"objective {job.objective} under FSDP is not supported yet (the reference pass needs the "
-                "whole weights): set distributed: ddp (ignored in a single process)"
+                f"'distributed' is fsdp but objective {job.objective} is not supported with sharded "
+                "parameters yet: set distributed: ddp (ignored in a single process)"
             )
     if job.init_adapter is not None:
         if method == "full":

@@ -205,6 +205,11 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         check_isolation(model, device)  # an architecture that ignores position_ids would mix examples
     model.train()
     strategy = choose_strategy(job.distributed, world, model, quantized=quantized)
+    if strategy == "fsdp" and not task.supports_fsdp:
+        raise PeftkitError(
+            f"objective {job.objective} is not supported with sharded parameters (FSDP, which "
+            "distributed: auto picks for full fine-tuning) yet: set distributed: ddp"
+        )
     if world.distributed:
         say(f"Training in {world.size} processes with {strategy.upper()}")
     compiled = CompiledLayers(model) if t.compile else nullcontext()
