@@ -14,6 +14,9 @@ class Ex:
     input_ids: list[int]
     labels: list[int]
 
+    def __len__(self) -> int:  # what MicroBatchStream groups by: tokens per example
+        return len(self.input_ids)
+
 
 def test_epoch_covers_every_example_once_and_is_seeded():
     lengths = [i % 17 + 1 for i in range(200)]

@@ -85,7 +85,7 @@ def detect_format(cfg: DataConfig, record: Record, formats: tuple[str, ...] = LM
     if cfg.format != "auto":
         if cfg.format not in formats:
             raise DataError(
-                f"data.format is {cfg.format}, which the job's task cannot train on: use one of "
+                f"data.format is {cfg.format}, which the job's task cannot train on (with its objective): use one of "
                 f"{', '.join(formats)} (or auto)"
             )
         return cfg.format

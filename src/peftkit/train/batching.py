@@ -35,7 +35,8 @@ def epoch_batches(
 
 
 class MicroBatchStream:
-    """Micro-batch ``m`` of an endless sequence of epochs, addressable by index."""
+    """Micro-batch ``m`` of an endless sequence of epochs, addressable by index. ``len(example)``
+    is its length in tokens (a preference pair: prompt + its longer completion)."""
 
     def __init__(self, examples: Sequence[Any], batch_size: int, *, seed: int, group_by_length: bool):
         self.examples = examples
