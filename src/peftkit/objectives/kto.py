@@ -30,7 +30,14 @@ class KTOTask(PreferenceTask):
     formats = ("kto",)
 
     def collate(self, examples: Sequence[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
-        return collate_unpaired(examples, pad_token_id, kl=len(examples) > 1)
+        if len(examples) > 1:
+            return collate_unpaired(examples, pad_token_id)
+        # A lone row (an epoch's last micro-batch when the rows do not divide by the batch size,
+        # or one process's share of it) has no other row's completion: its KL row is itself, as
+        # TRL's rotation gives a batch of one. Its z0 is then its own log-ratio (clamped at 0).
+        batch = collate_unpaired(examples, pad_token_id, kl=False)
+        batch.update({f"kl_{key}": batch[key] for key in ("input_ids", "attention_mask", "labels")})
+        return batch
 
     def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         result, logps = self._result(model, batch)
@@ -38,11 +45,6 @@ class KTOTask(PreferenceTask):
         return result.losses.sum(), int(logps.shape[0])
 
     def _result(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        if "kl_input_ids" not in batch:
-            raise ValueError(
-                "KTO estimates its reference point on rows made within each micro-batch (each prompt with "
-                "another row's completion), so a micro-batch needs at least 2 rows: raise training.batch_size"
-            )
         ref = reference_logps(self.reference, model, batch)
         ref_kl = reference_logps(self.reference, model, batch, key="_kl")
         with torch.no_grad():
@@ -60,6 +62,16 @@ class KTOTask(PreferenceTask):
             undesirable_weight=p.undesirable_weight,
         )
         return result, logps
+
+    def validation(
+        self, model: Any, examples: Sequence[Any], *, batch_size: int, **options: Any
+    ) -> dict[str, float]:
+        """As every task's, in chunks of at least 2 rows: a lone last chunk (3 rows in chunks of 2)
+        would have no other row's completion to make its KL row from."""
+        size = max(2, batch_size)
+        while len(examples) > 1 and len(examples) % size == 1:
+            size += 1
+        return super().validation(model, examples, batch_size=size, **options)
 
     def evaluate(
         self,

@@ -426,6 +426,11 @@ def _objective_fit(job: TrainJobConfig, method: str, spec: Any) -> list[str]:
             f"objective {job.objective} scores the completions' log-probabilities under a language model, "
             f"but 'task' is {job.task.value}: set task: CAUSAL_LM"
         )
+    if job.objective == "kto" and job.training.batch_size < 2:
+        problems.append(
+            "'training.batch_size' is 1 but objective kto estimates its reference point on each prompt "
+            "paired with another row's completion of the same micro-batch: set it to 2 or more"
+        )
     if job.objective != "sft":
         if job.training.packing:
             problems.append(
