@@ -99,10 +99,13 @@ class TunerBase(nn.Module):
     ) -> torch.Tensor:
         """The last hidden states of the transformer ``body`` (the model minus its output layer),
         one per position of ``input_ids``: ``(batch, seq, hidden)``. Methods that add virtual
-        positions must return only the real ones. ``position_ids`` (with no ``attention_mask``)
-        come only from packed batches, so only methods with ``supports_packing`` receive them."""
+        positions must return only the real ones. ``position_ids`` come only from packed SFT batches
+        (no ``attention_mask``) and one-row preference pairs (with a 4D one, objectives/pair_layout.py),
+        so only methods with ``supports_packing`` receive them."""
         if position_ids is not None:
-            return body(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+            return body(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )[0]
         return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
 
     def on_train_start(self, total_steps: int) -> None:

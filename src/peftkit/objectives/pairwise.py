@@ -2,7 +2,10 @@
 
 ::
 
-    batch of B pairs -> 2B rows (all chosen, then all rejected) -> ONE forward pass
+    batch of B pairs -> 2B rows (all chosen, then all rejected) -> ONE forward pass; in training
+                        steps and validation, where exact, B rows [prompt | chosen | rejected]
+                        (objectives/pair_layout.py, training.shared_prefix): each prompt
+                        computed once, same log-probs
     policy log-probs: summed over each completion's tokens (dpo), averaged per token (orpo, simpo)
     reference log-probs (dpo): a pass without gradients first (objectives/sequence.py), or the
     precomputed ones the batch carries
@@ -24,6 +27,7 @@ import torch
 from peftkit.data.preference_collate import collate_pairs
 from peftkit.objectives.base import PreferenceTask
 from peftkit.objectives.losses import PreferenceLoss, dpo_loss, orpo_loss, preference_metrics, simpo_loss
+from peftkit.objectives.pair_layout import SharedPrompt, shared_prompt_for
 from peftkit.objectives.sequence import completion_logps, reference_logps
 from peftkit.tasks.base import inference
 
@@ -31,8 +35,40 @@ from peftkit.tasks.base import inference
 class PairwiseTask(PreferenceTask):
     """dpo / orpo / simpo (``objective`` set by the subclass)."""
 
-    def collate(self, examples: Sequence[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+    shared_prompt: SharedPrompt | None = None  # one row per pair, once the loop turned it on
+    _shared_prompt_for: SharedPrompt | str | None = None  # start_reference's finding for the model
+
+    def start_reference(
+        self, model: Any, *, init_adapter: str | bool | None = None, **run: Any
+    ) -> str | None:
+        """Also decide, with the model as training starts, whether its pairs can run one row each;
+        :meth:`use_shared_prefix`, which the loop calls next, turns that on (or keeps it off)."""
+        line = super().start_reference(model, init_adapter=init_adapter, **run)
+        self._shared_prompt_for = shared_prompt_for(model)
+        return line
+
+    def use_shared_prefix(self, shared_prefix: Any) -> None:
+        """``shared_prefix``: the SFT shared-prefix object (train/shared_prefix.py), or None where
+        ``training.shared_prefix`` is off or its conditions (no dropout, no packing, a method acting
+        per position) fail: then every pair keeps two rows."""
+        found, self._shared_prompt_for = self._shared_prompt_for, None
+        self.shared_prompt = None
+        if shared_prefix is None or found is None:
+            return
+        if isinstance(found, str):
+            shared_prefix.say(f"training.shared_prefix: two rows per preference pair: {found}")
+            return
+        found.say = shared_prefix.say
+        self.shared_prompt = found
+        shared_prefix.say("training.shared_prefix: one row per preference pair, each prompt computed once")
+
+    def collate(
+        self, examples: Sequence[Any], pad_token_id: int, *, one_row: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The two-row batch; with the one-row tensors too where the layout is on and ``one_row``."""
         batch = collate_pairs(examples, pad_token_id)
+        if self.shared_prompt is not None and one_row:  # the two-row tensors stay: tokens/s counts them
+            batch.update(self.shared_prompt.collate(examples, pad_token_id))
         if all(e.ref is not None for e in examples):  # preference.reference: precompute
             batch["ref_logps"] = torch.tensor(
                 [e.ref[0] for e in examples] + [e.ref[1] for e in examples], dtype=torch.float32
@@ -43,8 +79,13 @@ class PairwiseTask(PreferenceTask):
         return int(batch["input_ids"].shape[0]) // 2
 
     def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        ref = reference_logps(self.reference, model, batch) if self.uses_reference else None
-        logps, counts = completion_logps(model, batch)
+        shared = self.shared_prompt
+        ref = (
+            reference_logps(self.reference, model, batch, shared_prompt=shared)
+            if self.uses_reference
+            else None
+        )
+        logps, counts = completion_logps(model, batch, shared)
         result = self.pair_loss(logps, counts, ref)
         pairs = logps.shape[0] // 2
         chosen, rejected = logps[:pairs], logps[pairs:]
@@ -59,7 +100,10 @@ class PairwiseTask(PreferenceTask):
     def rewards(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per pair: chosen and rejected implicit rewards, and the per-token log-prob difference."""
+        """Per pair: chosen and rejected implicit rewards, and the per-token log-prob difference.
+        Always from two rows: the held-out numbers before and after training and those of
+        ``peftkit eval`` (which never lays pairs out in one row) then come from the same layout, so
+        bf16 rounding cannot flip a near-zero margin between them."""
         has_reference = self.reference is not None or "ref_logps" in batch
         ref = reference_logps(self.reference, model, batch) if self.uses_reference and has_reference else None
         logps, counts = completion_logps(model, batch)
@@ -87,8 +131,8 @@ class PairwiseTask(PreferenceTask):
         chosen, rejected, likelihood = [], [], []
         with inference(model, autocast_dtype):
             for start in range(0, len(examples), size):
-                batch = self.to_device(self.collate(examples[start : start + size], pad_id), model)
-                c, r, d = self.rewards(model, batch)
+                batch = self.collate(examples[start : start + size], pad_id, one_row=False)
+                c, r, d = self.rewards(model, self.to_device(batch, model))
                 chosen.append(c.float().cpu())
                 rejected.append(r.float().cpu())
                 likelihood.append(d.float().cpu())

@@ -74,7 +74,9 @@ def _compute(
     device = next(model.parameters()).device
     cast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     was_training = model.training
-    model.eval()  # no dropout: the reference is the deterministic starting model
+    # Reference.logps turns dropout off; in training mode, what depends on the mode for another
+    # reason (bitsandbytes' 8-bit kernels on the CPU) computes as the training steps' policy does.
+    model.train()
     rows = []
     try:
         for start in range(0, len(examples), batch_size):

@@ -1,7 +1,8 @@
 """Completion log-probabilities of a batch of rows, and the reference model they are compared with.
 
 :func:`completion_logps` runs the model's body once over all rows (chosen and rejected of a batch
-together) and the output layer only at labelled positions, in chunks, as the SFT loss does
+together, or one row per pair where objectives/pair_layout.py applies: each prompt computed once)
+and the output layer only at labelled positions, in chunks, as the SFT loss does
 (``train/loss.py``): never ``[rows, seq, vocab]`` logits. Per row it returns the summed
 log-probability of the label tokens and how many there were.
 
@@ -19,6 +20,7 @@ policy's forward would change tensors its backward still needs.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,57 +28,85 @@ import torch
 from torch import nn
 
 from peftkit.methods.tuner_base import TunerBase
+from peftkit.objectives.pair_layout import KEYS as PAIR_KEYS
+from peftkit.objectives.pair_layout import SharedPrompt
 from peftkit.train.batching import IGNORE_INDEX
 from peftkit.train.loss import body_and_head
 
 _CHUNK = 1024  # labelled positions projected at a time, as in train/loss.py
 
 
-def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(
+    model: nn.Module, batch: dict[str, torch.Tensor], shared_prompt: SharedPrompt | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each row's label tokens, number of label tokens per row), fp32.
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the completion);
-    position t's output predicts label t+1."""
+    position t's output predicts label t+1. With ``shared_prompt`` and a batch collated with it
+    (``pair_*`` tensors), each preference pair runs as one row (objectives/pair_layout.py); the
+    rows, sums and counts are still those of the two-row layout."""
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+    parts = body_and_head(model)
+    if shared_prompt is not None and parts is not None:
+        found = shared_prompt.hidden_and_targets(model, parts[0], batch)
+        if found is not None:
+            selected, targets, rows = found
+            sums = _summed(parts[1], selected, targets, rows, counts.shape[0])
+            fp32 = selected.dtype == torch.float32 and not torch.is_autocast_enabled(selected.device.type)
+            if shared_prompt.agrees(sums, counts, fp32, lambda: _row_logps(model, batch, parts)):
+                return sums, counts
+    return _row_logps(model, batch, parts), counts
+
+
+def _row_logps(
+    model: nn.Module, batch: dict[str, torch.Tensor], parts: tuple[nn.Module, nn.Module] | None
+) -> torch.Tensor:
+    """The summed label log-probs of the two-row layout: one row per completion."""
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
-    counts = mask.sum(-1)
-    parts = body_and_head(model)
     rows = batch["input_ids"].shape[0]
     if parts is None:  # no separable output layer: full logits (small or unusual models only)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, -batch["input_ids"].shape[1] : -1]  # virtual tokens of prompt methods off
         picked = _label_logps(logits[mask], labels[mask])
-    else:
-        body, head = parts
-        tuner = getattr(model, "base_model", None)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if bool((batch["attention_mask"][:, 0] == 0).any()):  # left padding: positions from the mask
-            if isinstance(tuner, TunerBase) and not tuner.supports_packing:
-                raise ValueError(
-                    f"{type(tuner).__name__} adds virtual tokens, which need right-padded rows; "
-                    "collate the batch with right padding"
-                )
-            inputs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            hidden = body(**inputs, use_cache=False)[0]
-        elif isinstance(tuner, TunerBase):  # the method may add prompts or past key/values
-            hidden = tuner.body_hidden_states(body, batch["input_ids"], batch["attention_mask"])
-        else:
-            hidden = body(**inputs, use_cache=False)[0]
-        selected = hidden[:, :-1][mask]  # (n_labels, hidden)
-        targets = labels[mask]
-        picked = (
-            torch.cat(
-                [
-                    _label_logps(head(selected[start : start + _CHUNK]), targets[start : start + _CHUNK])
-                    for start in range(0, selected.shape[0], _CHUNK)
-                ]
-            )
-            if selected.shape[0]
-            else selected.new_zeros((0,), dtype=torch.float32)
+        return torch.zeros(rows, dtype=torch.float32, device=picked.device).index_add(
+            0, mask.nonzero()[:, 0], picked
         )
-    row_of_label = mask.nonzero()[:, 0]
-    sums = torch.zeros(rows, dtype=torch.float32, device=picked.device).index_add(0, row_of_label, picked)
-    return sums, counts
+    body, head = parts
+    tuner = getattr(model, "base_model", None)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if bool((batch["attention_mask"][:, 0] == 0).any()):  # left padding: positions from the mask
+        if isinstance(tuner, TunerBase) and not tuner.supports_packing:
+            raise ValueError(
+                f"{type(tuner).__name__} adds virtual tokens, which need right-padded rows; "
+                "collate the batch with right padding"
+            )
+        inputs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        hidden = body(**inputs, use_cache=False)[0]
+    elif isinstance(tuner, TunerBase):  # the method may add prompts or past key/values
+        hidden = tuner.body_hidden_states(body, batch["input_ids"], batch["attention_mask"])
+    else:
+        hidden = body(**inputs, use_cache=False)[0]
+    selected = hidden[:, :-1][mask]  # (n_labels, hidden)
+    return _summed(head, selected, labels[mask], mask.nonzero()[:, 0], rows)
+
+
+def _summed(
+    head: nn.Module, selected: torch.Tensor, targets: torch.Tensor, row_of_label: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """Per row, the summed log-prob of its labels: the head applied to ``selected`` hidden states
+    (one per label) in chunks of ``_CHUNK``, never to every position."""
+    picked = (
+        torch.cat(
+            [
+                _label_logps(head(selected[start : start + _CHUNK]), targets[start : start + _CHUNK])
+                for start in range(0, selected.shape[0], _CHUNK)
+            ]
+        )
+        if selected.shape[0]
+        else selected.new_zeros((0,), dtype=torch.float32)
+    )
+    return torch.zeros(rows, dtype=torch.float32, device=picked.device).index_add(0, row_of_label, picked)
 
 
 def _label_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -94,20 +124,37 @@ class Reference:
 
     name = "reference"
 
-    def logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], shared_prompt: SharedPrompt | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Without gradients and in eval mode: the reference is the deterministic starting model
-        (no dropout), as TRL's separate reference model is."""
+        (no dropout), as TRL's separate reference model is. ``shared_prompt``: as in
+        :func:`completion_logps`."""
         was_training = model.training
         model.eval()
+        _keep_mode_dependent_kernels(model, was_training)
         try:
             with torch.no_grad(), self.active(model):
-                return completion_logps(model, batch)
+                return completion_logps(model, batch, shared_prompt)
         finally:
             model.train(was_training)
 
     @contextlib.contextmanager
     def active(self, model: nn.Module) -> Iterator[None]:
         yield
+
+
+def _keep_mode_dependent_kernels(model: nn.Module, training: bool) -> None:
+    """Put bitsandbytes' 8-bit layers back in the caller's mode: on the CPU they pick their kernel
+    by it (training: dequantized weights; eval: int8 activations as well, ~1e-3 apart), so a
+    reference in eval mode would differ from the policy at the start of training (DPO's first
+    loss off ln 2). They hold no dropout."""
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no such layers
+    if bnb is None:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            module.train(training)
 
 
 class AdapterOff(Reference):
@@ -132,7 +179,12 @@ class FrozenStart(Reference):
 
     @contextlib.contextmanager
     def active(self, model: nn.Module) -> Iterator[None]:
+        # Autocast caches its low-precision copy of each trainable leaf weight for the whole autocast
+        # region, keyed by the parameter, not its data: without clearing, the reference pass would
+        # run on the policy's cached copies and the policy's pass after it on the starting weights'
+        # (LoRA's lora_A: F.linear on the leaf weight; measured: a bf16 DPO run trained against them).
         current = [p.data for p in self.params]
+        torch.clear_autocast_cache()
         try:
             for param, start in zip(self.params, self.start):
                 param.data = start
@@ -140,13 +192,19 @@ class FrozenStart(Reference):
         finally:
             for param, data in zip(self.params, current):
                 param.data = data
+            torch.clear_autocast_cache()
 
 
 def reference_logps(
-    reference: Reference | None, model: nn.Module, batch: dict[str, torch.Tensor], key: str = ""
+    reference: Reference | None,
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    key: str = "",
+    shared_prompt: SharedPrompt | None = None,
 ) -> torch.Tensor:
     """Summed reference log-probs of ``batch``'s rows: the precomputed ``ref{key}_logps`` if the
-    batch carries them, else a pass through ``reference``."""
+    batch carries them, else a pass through ``reference`` (one row per pair with ``shared_prompt``
+    and a batch collated with it)."""
     stored = batch.get(f"ref{key}_logps")
     if stored is not None:
         return stored.float()
@@ -154,7 +212,9 @@ def reference_logps(
         raise RuntimeError("this objective needs a reference model, and none was set up")
     prefix = f"{key.strip('_')}_" if key else ""
     rows = {name: batch[prefix + name] for name in ("input_ids", "attention_mask", "labels")}
-    return reference.logps(model, rows)[0]
+    if not key:
+        rows.update({name: batch[name] for name in PAIR_KEYS if name in batch})
+    return reference.logps(model, rows, shared_prompt)[0]
 
 
 def auto_reference(model: Any, *, init_adapter: bool) -> Reference:

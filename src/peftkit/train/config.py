@@ -119,7 +119,9 @@ class TrainingConfig:
             "template's system turn) once per micro-batch instead of once per example; same loss and "
             "gradients. Applies where the method acts per position, no dropout is active and packing is "
             "off; checked against the usual path on the first batch (1.23x faster steps on the default "
-            "job, see docs/performance.md)."
+            "job, see docs/performance.md). Preference pairs (dpo, orpo, simpo): under the same conditions "
+            "(and eager or sdpa attention) each pair runs as one row, prompt + chosen + rejected, the "
+            "prompt computed once (objectives/pair_layout.py). false turns both off."
         },
     )
     compile: bool = field(
