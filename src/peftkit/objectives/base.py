@@ -10,6 +10,7 @@ asks which objective it runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,12 @@ class PreferenceEncoder(TaskEncoder):
         from peftkit.data.chat import has_chat_template
 
         self.use_template = cfg.use_chat_template and has_chat_template(tokenizer)
+        task.rendering = {  # saved with the adapter: `peftkit score` renders rows the same way
+            "system_prompt": cfg.system_prompt,
+            "use_chat_template": cfg.use_chat_template,
+            "separator": cfg.separator,
+            "max_seq_len": cfg.max_seq_len,
+        }
 
     def encode_fields(self, rows: list[dict[str, Any]]) -> list[Any]:
         options = dict(
@@ -72,8 +79,11 @@ class PreferenceTask(Task):
         self.preference = preference or PreferenceConfig()
         self.beta = self.preference.beta_for(self.objective)
         self.reference: Reference | None = None
+        self.init_adapter: str | None = None  # the adapter training started from (its reference)
+        self.rendering: dict[str, Any] | None = None  # how rows became text (the data options)
         self._sums: dict[str, float] = {}
-        self._weight = 0.0
+        self._weights: dict[str, float] = {}  # per metric: a micro-batch may lack one (KTO's sides)
+        self._extremes: dict[str, float] = {}  # min_* / max_* metrics
 
     @property
     def uses_reference(self) -> bool:
@@ -87,18 +97,31 @@ class PreferenceTask(Task):
             "labels": self.labels,
             "objective": self.objective,
             "preference": to_dict(self.preference),
+            "init_adapter": self.init_adapter,
+            "rendering": self.rendering,
         }
+
+    def restore_metadata(self, meta: dict[str, Any]) -> None:
+        super().restore_metadata(meta)
+        self.init_adapter = meta.get("init_adapter")
+        self.rendering = meta.get("rendering")
 
     def encoder(self, tokenizer: Any, cfg: Any) -> PreferenceEncoder:
         return PreferenceEncoder(self, tokenizer, cfg)
 
     # -- the reference model --------------------------------------------------------------------
-    def start_reference(self, model: Any, *, init_adapter: bool = False, **run: Any) -> str | None:
+    def start_reference(
+        self, model: Any, *, init_adapter: str | bool | None = None, **run: Any
+    ) -> str | None:
         """The reference as training starts: ``auto`` (objectives/sequence.py), or ``precompute``d
-        log-probs attached to every example (objectives/precompute.py); what it is, for the log."""
+        log-probs attached to every example (objectives/precompute.py); what it is, for the log.
+        ``init_adapter``: the directory of the adapter training starts from (recorded with the
+        adapter, where ``peftkit eval`` finds the reference again), or None."""
+        if isinstance(init_adapter, str):
+            self.init_adapter = str(Path(init_adapter).resolve())
         if not self.uses_reference:
             return None
-        reference = auto_reference(model, init_adapter=init_adapter)
+        reference = auto_reference(model, init_adapter=bool(init_adapter))
         if self.preference.reference == "precompute":
             from peftkit.objectives.precompute import attach_reference_logps
 
@@ -106,20 +129,41 @@ class PreferenceTask(Task):
         self.reference = reference
         return reference.name
 
+    def start_evaluation(self, model: Any, adapter_dir: str | None) -> str | None:
+        """``peftkit eval``: the reference the adapter was trained against, loaded next to it."""
+        if not self.uses_reference or adapter_dir is None:
+            return None
+        from peftkit.objectives.evaluation import saved_reference
+
+        self.reference = saved_reference(model, adapter_dir, self.init_adapter)
+        return self.reference.name
+
     # -- per-step metrics -----------------------------------------------------------------------
     def keep_metrics(self, metrics: dict[str, float], weight: float) -> None:
-        """Add one micro-batch's metric means, weighted by what they average over."""
+        """Add one micro-batch's metrics, weighted by what they average over; a metric the
+        micro-batch lacks (KTO's rewards/rejected without undesirable rows) adds no weight.
+        ``min_*`` / ``max_*`` metrics keep the extreme instead (the reward model's scores)."""
         for name, value in metrics.items():
+            if name.startswith(("min_", "max_")):
+                pick = min if name.startswith("min_") else max
+                self._extremes[name] = pick(self._extremes.get(name, value), value)
+                continue
             self._sums[name] = self._sums.get(name, 0.0) + value * weight
-        self._weight += weight
+            self._weights[name] = self._weights.get(name, 0.0) + weight
 
     def step_metrics(self, world: Any, device: torch.device) -> dict[str, float]:
-        """The optimizer step's metrics, averaged over all its micro-batches on all ranks; reset."""
-        names = sorted(self._sums)
-        sums = world.sum([self._sums[n] for n in names] + [self._weight], device)
-        self._sums, self._weight = {}, 0.0
-        weight = sums[-1]
-        return {name: value / weight for name, value in zip(names, sums[:-1])} if weight else {}
+        """The optimizer step's metrics over all its micro-batches on all ranks (means, or the
+        extremes); reset. Ranks exchange what they kept as objects: one rank's share may lack a
+        metric another has (KTO), so fixed-length tensors of values would misalign."""
+        mine = (self._sums, self._weights, self._extremes)
+        self._sums, self._weights, self._extremes = {}, {}, {}
+        kept: list[Any] = [mine]
+        if world.distributed:
+            import torch.distributed as dist
+
+            kept = [None] * world.size
+            dist.all_gather_object(kept, mine)
+        return _combine(kept)
 
     def validation(
         self,
@@ -131,8 +175,8 @@ class PreferenceTask(Task):
         autocast_dtype: torch.dtype | None,
     ) -> dict[str, float]:
         """Mean loss over the validation split, with its metrics (``val_rewards/accuracies`` ...)."""
-        saved = self._sums, self._weight
-        self._sums, self._weight = {}, 0.0
+        saved = self._sums, self._weights, self._extremes  # a step's metrics, kept apart
+        self._sums, self._weights, self._extremes = {}, {}, {}
         try:
             out = super().validation(
                 model,
@@ -141,7 +185,24 @@ class PreferenceTask(Task):
                 pad_token_id=pad_token_id,
                 autocast_dtype=autocast_dtype,
             )
-            out.update({f"val_{k}": v / self._weight for k, v in self._sums.items()} if self._weight else {})
+            kept = [(self._sums, self._weights, self._extremes)]
+            out.update({f"val_{name}": value for name, value in _combine(kept).items()})
         finally:
-            self._sums, self._weight = saved
+            self._sums, self._weights, self._extremes = saved
         return out
+
+
+def _combine(kept: list[tuple[dict[str, float], dict[str, float], dict[str, float]]]) -> dict[str, float]:
+    """One step's metrics from every rank's (sums, weights, extremes)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    extremes: dict[str, float] = {}
+    for rank_sums, rank_weights, rank_extremes in kept:
+        for name, value in rank_sums.items():
+            sums[name] = sums.get(name, 0.0) + value
+            weights[name] = weights.get(name, 0.0) + rank_weights[name]
+        for name, value in rank_extremes.items():
+            pick = min if name.startswith("min_") else max
+            extremes[name] = pick(extremes.get(name, value), value)
+    means = {name: sums[name] / weights[name] for name in sums if weights[name]}
+    return dict(sorted({**means, **extremes}.items()))

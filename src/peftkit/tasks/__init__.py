@@ -74,8 +74,7 @@ def load_task(adapter_dir: str | Path, default: TaskType | str | None = None) ->
 
         preference = from_dict(PreferenceConfig, meta.get("preference") or {})
     task = get_task(task_type or default, meta.get("objective") or "sft", preference)
-    if meta.get("labels"):
-        task.labels = list(meta["labels"])
+    task.restore_metadata(meta)
     return task
 
 

@@ -119,6 +119,11 @@ class Task:
         """What to save next to the adapter (TASK_FILE) so evaluation rebuilds the same head."""
         return {"task_type": self.task_type.value, "labels": self.labels}
 
+    def restore_metadata(self, meta: dict[str, Any]) -> None:
+        """Take back what :meth:`metadata` saved (``load_task``)."""
+        if meta.get("labels"):
+            self.labels = list(meta["labels"])
+
     # -- data ---------------------------------------------------------------------------------
     def encoder(self, tokenizer: Any, cfg: Any) -> Any:
         raise NotImplementedError
@@ -156,6 +161,11 @@ class Task:
         return {}
 
     # -- evaluation ---------------------------------------------------------------------------
+    def start_evaluation(self, model: Any, adapter_dir: str | None) -> str | None:
+        """``peftkit eval``, once the model and ``adapter_dir`` are loaded: set up what the metrics
+        compare the model with (a preference objective's reference); a line for the output, or None."""
+        return None
+
     def validation(
         self,
         model: Any,
