@@ -68,6 +68,22 @@ def _train_fused_adapters(config: dict, tmp_path: Path) -> None:
     section["adapters"] = trained
 
 
+def _train_init_adapter(config: dict, tmp_path: Path) -> None:
+    """A job that continues another example's adapter (``init_adapter: runs/NAME/adapter``, e.g.
+    SFT -> DPO): train that example briefly here, on the same base model, and start from it."""
+    source = config.get("init_adapter")
+    if not source:
+        return
+    by_output = {yaml.safe_load(p.read_text())["output_dir"]: p for p in EXAMPLES}
+    example = by_output[str(Path(source).parent)]
+    out = tmp_path / "init-adapter"
+    out.mkdir()
+    source_config = yaml.safe_load(example.read_text())
+    source_config["base_model"] = config["base_model"]
+    _train(source_config, out, steps=3)
+    config["init_adapter"] = str(out / "run" / "adapter")
+
+
 REAL_MODEL = {
     "tweet-sentiment-lora",
     "qlora",
@@ -119,6 +135,7 @@ def test_example_config_trains(path, tmp_path, request):
     if not real:
         config = _with_narrow_model(config, request.getfixturevalue("narrow_smollm2"))
     _train_fused_adapters(config, tmp_path)
+    _train_init_adapter(config, tmp_path)
     n_steps = 12 if real else 6
     steps = _train(config, tmp_path, steps=n_steps, batch_size=8 if real else 4)
     assert [s["step"] for s in steps] == list(range(1, n_steps + 1))

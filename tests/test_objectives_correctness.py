@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import warnings
 
 import datasets
@@ -514,14 +515,27 @@ def test_orpo_and_simpo_train_and_log_trl_metrics(objective, extra, tiny_model_d
         ("sft", {"preference": {"beta": 0.2}}, "section 'preference'"),
         ("kto", {"preference": {"reference": "precompute"}}, "'preference.reference' is precompute"),
         ("dpo", {"training": {"packing": True}}, "'training.packing' is true"),
-        ("dpo", {"init_adapter": "EMPTY"}, "'init_adapter' is EMPTY, which has no adapter_config.json"),
     ],
 )
 def test_config_errors_name_the_key(objective, top, key, tiny_model_dir, data_dir, tmp_path):
-    if "init_adapter" in top:
-        top = {"init_adapter": str(tmp_path)}
-        key = key.replace("EMPTY", str(tmp_path))
     data = "kto" if objective == "kto" else "pairs"
     with pytest.raises(ConfigError) as caught:
         job_for(tiny_model_dir, data_dir, tmp_path / "out", objective, data=data, **top)
     assert key in str(caught.value)
+
+
+def test_an_init_adapter_that_is_not_there_is_refused_before_the_model_loads(
+    tiny_model_dir, data_dir, tmp_path, monkeypatch
+):
+    """A config may name the adapter another run writes (the shipped SFT -> DPO example), so
+    the check runs when training starts, before any model loads."""
+    import peftkit.models
+
+    job = job_for(tiny_model_dir, data_dir, tmp_path / "out", "dpo", init_adapter=str(tmp_path))
+    monkeypatch.setattr(
+        peftkit.models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded")
+    )
+    with pytest.raises(
+        PeftkitError, match=f"'init_adapter' is {re.escape(str(tmp_path))}, which has no adapter_config"
+    ):
+        run_training(job, progress=False)

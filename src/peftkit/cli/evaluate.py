@@ -3,7 +3,9 @@
 Causal LM: loss / perplexity and answer accuracy by generation; classification: accuracy, macro-F1
 and per-class scores; token classification: token accuracy, macro-F1, entity F1; QA: exact
 match and F1; seq2seq: loss / perplexity and exact match. The task is the adapter's (its
-``peftkit_task.json`` or ``task_type``), else the config's ``task``.
+``peftkit_task.json`` or ``task_type``), else the config's ``task``. An adapter trained with a
+preference objective gets its objective's metrics on preference rows, and is measured by
+generation like an SFT adapter on prompt / completion rows (``peftkit.objectives.evaluation``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from peftkit.configuration import ConfigError
     from peftkit.data import check_sources, count_rows, load_split
     from peftkit.io import write_json
+    from peftkit.objectives.evaluation import evaluation_task
     from peftkit.preflight import device_problem, writable_file_problem
     from peftkit.tasks import get_task, load_task
     from peftkit.train.config import build_job_config, load_job_config
@@ -89,17 +92,25 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter and Path(args.adapter).is_dir():
         read_adapter_config(args.adapter)  # an unreadable adapter_config.json, named
     task = load_task(args.adapter, default=job.task) if args.adapter else get_task(job.task)
+    objective = getattr(task, "objective", None)  # the adapter's preference objective, if any
+    # a dpo / orpo / simpo / kto adapter on prompt/completion rows: measured by generation
+    task, note = evaluation_task(task, data_cfg, split)
     check_sources(data_cfg, (split,), task=task)  # before the model loads
     if task.labels is None:
         task.prepare(job.data)  # a classifier's label names: read from the training data as training did
     # the base with the task's head (sized by its labels), the adapter applied, on --device
     model, tokenizer = load_model_from_args(args, task=task.loader_task, **task.model_kwargs())
+    reference = task.start_evaluation(model, args.adapter)  # dpo / kto: the reference trained against
     examples = load_split(data_cfg, tokenizer, split, seed=job.training.seed, task=task)
     autocast_dtype = args.autocast_dtype  # --precision, else the config's training.precision
     batch_size = args.batch_size if args.batch_size is not None else job.evaluation.batch_size
     # count_rows: a QA row split into several windows is one example
     what = f"{'base + adapter ' + args.adapter if args.adapter else 'base model'} on {count_rows(examples)} {split} examples"
-    print(f"Evaluating {what} (task {task.task_type.value}; precision {args.precision_label})")
+    kind = f"task {task.task_type.value}" + (f", objective {objective}" if objective else "")
+    print(f"Evaluating {what} ({kind}; precision {args.precision_label})")
+    for line in (note, reference and f"reference model: {reference}"):
+        if line:
+            print(line)
     eval_cfg = job.evaluation
     if args.max_new_tokens is not None:
         eval_cfg = dataclasses.replace(eval_cfg, max_new_tokens=args.max_new_tokens)
@@ -118,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         "split": split,
         "adapter": args.adapter,
         "task": task.task_type.value,
+        **({"objective": objective} if objective else {}),
         "precision": args.precision_label,
         "n": metrics.get("n", count_rows(examples)),
     }

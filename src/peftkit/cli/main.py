@@ -17,6 +17,7 @@ COMMANDS = {
     "inspect": "peftkit.cli.inspect",
     "combine": "peftkit.cli.combine",
     "merge": "peftkit.cli.merge",
+    "score": "peftkit.cli.score",
 }
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peftkit.configuration import ConfigError
-from peftkit.data.builtin import apply_builtin_defaults, get_builtin, is_builtin
+from peftkit.data.builtin import apply_builtin_defaults, builtin_records, is_builtin
 from peftkit.data.chat import has_chat_template
 from peftkit.data.config import DataConfig
 from peftkit.data.encode import Encoder, Example
@@ -167,9 +167,9 @@ class _Loader:
     def _records(self, source: str | list[dict[str, Any]], split: str) -> tuple[Iterator[Record], str]:
         if isinstance(source, list):
             return read_rows(source, f"data.{split}"), f"data.{split} (a list of {len(source)} rows)"
-        path = get_builtin(source).locate() if is_builtin(source) else source
-        label = f"{source} = {path}" if is_builtin(source) else str(path)
-        return read_file(path, self.cfg.encoding, self.cfg.encoding_errors), label
+        if is_builtin(source):
+            return builtin_records(source, self.cfg.encoding, self.cfg.encoding_errors)
+        return read_file(source, self.cfg.encoding, self.cfg.encoding_errors), str(source)
 
     def encode(self, samples: list[Sample], split: str, limit: int | None = None) -> list[Example]:
         """Encode in order until ``limit`` rows are kept (all when None); empty is an error.

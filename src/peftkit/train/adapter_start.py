@@ -8,9 +8,20 @@ are the saved adapter's; a job whose ``method`` differs is refused rather than s
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
+
+
+def check_init_adapter(job: Any) -> None:
+    """Before any model loads: ``init_adapter`` names a saved adapter. (Not a config check: a
+    shipped example may name the adapter another example writes.)"""
+    if job.init_adapter is not None and not (Path(job.init_adapter) / "adapter_config.json").is_file():
+        raise PeftkitError(
+            f"'init_adapter' is {job.init_adapter}, which has no adapter_config.json: give the directory "
+            "of a saved adapter (e.g. runs/my-run/adapter), or train the run that writes it first"
+        )
 
 
 def attach_adapter(job: Any, model: Any, method_config: Any) -> Any:

@@ -36,7 +36,7 @@ from peftkit.precision import describe, resolve_autocast
 from peftkit.seeding import seed_everything
 from peftkit.tasks import Task, get_task
 from peftkit.threads import StepTimeWatch, choose_threads
-from peftkit.train.adapter_start import attach_adapter
+from peftkit.train.adapter_start import attach_adapter, check_init_adapter
 from peftkit.train.batching import MicroBatchStream
 from peftkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from peftkit.train.compile import CompiledLayers
@@ -110,6 +110,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
     task = get_task(job.task, job.objective, job.preference)
     check_tokens_for_method(job.tokens, job.method, job.method_config)
     check_sources(job.data, ("train",), task=task)  # before any model loads
+    check_init_adapter(job)
     check_reporters(job.logging, job.output_dir)  # e.g. tensorboard not installed
     recorded_config = job.to_yaml_dict()  # what train_config.yaml holds; --resume compares with it
     world = World.from_environment()  # torchrun's processes, or rank 0 of 1
@@ -190,7 +191,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         )
     reference = task.start_reference(
         model,
-        init_adapter=job.init_adapter is not None,
+        init_adapter=job.init_adapter,
         data=data,
         run_dir=output_dir,
         world=world,
