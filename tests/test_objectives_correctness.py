@@ -539,3 +539,22 @@ def test_an_init_adapter_that_is_not_there_is_refused_before_the_model_loads(
         PeftkitError, match=f"'init_adapter' is {re.escape(str(tmp_path))}, which has no adapter_config"
     ):
         run_training(job, progress=False)
+
+
+def test_sft_continues_from_init_adapter(tiny_model_dir, data_dir, sft_adapter, tmp_path):
+    """init_adapter for objective sft too: training starts from the saved adapter's weights (its
+    first step's loss is that adapter's on the batch, below a new adapter's), and the adapter it
+    saves keeps the saved adapter's method options."""
+    out, fresh = tmp_path / "more-sft", tmp_path / "fresh-sft"
+    job = job_for(tiny_model_dir, data_dir, out, "sft", data="sft", init_adapter=str(sft_adapter))
+    session = setup(job)
+    start = {k: v.detach().clone() for k, v in session.model.named_parameters() if v.requires_grad}
+    saved = load_file(str(sft_adapter / "adapter_model.safetensors"))
+    assert len(start) == len(saved) and all(
+        any(torch.equal(v, w) for w in saved.values()) for v in start.values()
+    )
+    train(session, progress=False)
+    run_training(job_for(tiny_model_dir, data_dir, fresh, "sft", data="sft"), progress=False)
+    assert step_records(out)[0]["loss"] < step_records(fresh)[0]["loss"]
+    saved_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved_config["r"] == json.loads((sft_adapter / "adapter_config.json").read_text())["r"]
