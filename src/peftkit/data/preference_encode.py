@@ -196,8 +196,13 @@ class _Tokens:
         self.tokenizer = tokenizer
         self.use_template = use_chat_template and has_chat_template(tokenizer)
         self.separator = separator
-        self.bos = _default_bos(tokenizer)
+        start, end = _wrapping(tokenizer)
+        # Plain text: the tokens the tokenizer itself puts around a text. Llama: BOS before; BERT
+        # (a reward model's encoder): [CLS] before, whose state its classifier reads, [SEP] after.
+        self.bos = _default_bos(tokenizer) or (start[0] if len(start) == 1 else None)
         self.eos = getattr(tokenizer, "eos_token_id", None)
+        if self.eos is None and len(end) == 1:
+            self.eos = end[0]
 
     def split(self, prompt: Messages, completions: list[Messages]) -> tuple[list[int], list[list[int]]]:
         """The prompt's tokens, and each completion's tokens after them (boundary checked)."""
@@ -263,6 +268,16 @@ class _Tokens:
             "across the boundary. Use a template that renders the prompt the same way in both cases, "
             "give the system message yourself (data.system_prompt), or end the prompt on a separator"
         )
+
+
+def _wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens a tokenizer adds before and after one text (BERT: [CLS], [SEP])."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for at in range(len(full) - len(plain) + 1):
+        if plain and full[at : at + len(plain)] == plain:
+            return full[:at], full[at + len(plain) :]
+    return [], []
 
 
 def _truncate(
