@@ -88,10 +88,7 @@ class KTOTask(PreferenceTask):
         size = max(2, batch_size or eval_cfg.batch_size)
         rewards, desirable = [], []
         with inference(model, autocast_dtype):
-            for start in range(0, len(examples), size):
-                batch = self.to_device(
-                    self.collate(examples[start : start + size], tokenizer.pad_token_id), model
-                )
+            for batch in self.device_batches(model, examples, size, tokenizer.pad_token_id):
                 logps = completion_logps(model, batch)[0]
                 ref = reference_logps(self.reference, model, batch) if self.reference is not None else logps
                 rewards.append((self.beta * (logps - ref)).float().cpu())

@@ -130,9 +130,8 @@ class PairwiseTask(PreferenceTask):
         pad_id = tokenizer.pad_token_id
         chosen, rejected, likelihood = [], [], []
         with inference(model, autocast_dtype):
-            for start in range(0, len(examples), size):
-                batch = self.collate(examples[start : start + size], pad_id, one_row=False)
-                c, r, d = self.rewards(model, self.to_device(batch, model))
+            for batch in self.device_batches(model, examples, size, pad_id, one_row=False):
+                c, r, d = self.rewards(model, batch)
                 chosen.append(c.float().cpu())
                 rejected.append(r.float().cpu())
                 likelihood.append(d.float().cpu())

@@ -70,10 +70,7 @@ class RewardTask(PreferenceTask):
         size = batch_size or eval_cfg.batch_size
         chosen, rejected = [], []
         with inference(model, autocast_dtype):
-            for start in range(0, len(examples), size):
-                batch = self.to_device(
-                    self.collate(examples[start : start + size], tokenizer.pad_token_id), model
-                )
+            for batch in self.device_batches(model, examples, size, tokenizer.pad_token_id):
                 c, r = self.scores(model, batch)
                 chosen.append(c.cpu())
                 rejected.append(r.cpu())

@@ -178,10 +178,7 @@ class Task:
         """Mean loss over ``examples`` (averaged the way training averages it)."""
         total, count = 0.0, 0
         with inference(model, autocast_dtype):
-            for start in range(0, len(examples), batch_size):
-                batch = self.to_device(
-                    self.collate(examples[start : start + batch_size], pad_token_id), model
-                )
+            for batch in self.device_batches(model, examples, batch_size, pad_token_id):
                 loss, n = self.loss_sum(model, batch)
                 total, count = total + float(loss), count + n
         loss = total / max(1, count)
@@ -235,6 +232,14 @@ class Task:
         return lines
 
     # -- helpers --------------------------------------------------------------------------------
+    def device_batches(
+        self, model: Any, examples: Sequence[Any], batch_size: int, pad_token_id: int, **collate: Any
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """``examples`` collated ``batch_size`` at a time, on ``model``'s device."""
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            yield self.to_device(self.collate(chunk, pad_token_id, **collate), model)
+
     @staticmethod
     def to_device(batch: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
         device = next(model.parameters()).device
@@ -251,10 +256,7 @@ class Task:
         """The model's outputs for every example, batch by batch, on the CPU in fp32."""
         outputs = []
         with inference(model, autocast_dtype):
-            for start in range(0, len(examples), batch_size):
-                batch = self.to_device(
-                    self.collate(examples[start : start + batch_size], pad_token_id), model
-                )
+            for batch in self.device_batches(model, examples, batch_size, pad_token_id):
                 batch.pop("labels", None)
                 batch.pop("start_positions", None)
                 batch.pop("end_positions", None)
