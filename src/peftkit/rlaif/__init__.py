@@ -1,0 +1,1 @@
+"""Learning from AI feedback: judges' configuration, sampling answers, labelling pairs offline."""
