@@ -410,7 +410,7 @@ def test_8bit_reference_is_computed_as_the_training_policy(tiny_model_dir, data,
             {"preference": {"simpo_gamma": 1.0}},
             r"'preference.simpo_gamma' is set but objective dpo does not use",
         ),
-        ({"preference": {"beta": 0}}, r"'preference.beta' must be > 0"),
+        ({"preference": {"beta": 0}}, r"'preference.beta' is 0 but objective dpo needs a positive beta"),
         ({"preference": {"label_smoothing": 0.5}}, r"'preference.label_smoothing' must be in \[0, 0.5\)"),
         (
             {"method": "full", "full": {}, "init_adapter": "."},

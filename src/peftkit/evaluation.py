@@ -122,6 +122,39 @@ def generate_completions(
     carry few pad tokens; results come back in the input order. Generation stops at any of
     the tokenizer's and the model's eos tokens.
     """
+    eos = _eos_ids(model, tokenizer, eos_token_id)
+    rows = generate_token_ids(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
+        adapter_names=adapter_names,
+        **generate_kwargs,
+    )
+    return [tokenizer.decode(_cut_at_eos(tokens, eos), skip_special_tokens=True).strip() for tokens in rows]
+
+
+def generate_token_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    pad_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+    adapter_names: Sequence[str] | None = None,
+    **generate_kwargs: Any,
+) -> list[list[int]]:
+    """The new token ids of each prompt's completion, up to and including the first eos token
+    (all ``max_new_tokens`` of them where none came); see :func:`generate_completions`."""
     for prompt in prompts:
         if len(prompt) == 0:
             raise ValueError("cannot generate from an empty prompt; every prompt needs at least one token")
@@ -137,7 +170,7 @@ def generate_completions(
         )
     device = _device_of(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    results = [""] * len(prompts)
+    results: list[list[int]] = [[] for _ in prompts]
     with _inference(model, device, autocast_dtype), _progress(len(prompts), "generating", progress) as bar:
         for batch in _chunks(order, batch_size):
             rows = [list(prompts[i]) for i in batch]
@@ -155,7 +188,7 @@ def generate_completions(
             )
             new_tokens = output[:, input_ids.shape[1] :].tolist()  # (batch, <= max_new_tokens)
             for i, tokens in zip(batch, new_tokens):
-                results[i] = tokenizer.decode(_cut_at_eos(tokens, eos), skip_special_tokens=True).strip()
+                results[i] = _through_eos(tokens, eos)
             bar.update(len(rows))
     return results
 
@@ -301,6 +334,14 @@ def _cut_at_eos(tokens: list[int], eos: list[int]) -> list[int]:
     for position, token in enumerate(tokens):
         if token in eos:
             return tokens[:position]
+    return tokens
+
+
+def _through_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    """``tokens`` up to and including the first eos (the padding generate adds after it dropped)."""
+    for position, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: position + 1]
     return tokens
 
 

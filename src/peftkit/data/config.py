@@ -43,6 +43,9 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     # Formats of the preference objectives (peftkit.data.preference): each field a string or messages.
     "preference": ("[prompt]", "chosen", "rejected"),
     "kto": ("prompt", "completion", "label"),
+    # Prompts alone (online_dpo, grpo, label-pairs): the model writes the answers; every other column
+    # goes to the reward functions.
+    "prompt": ("prompt",),
 }
 
 Source = str | list[dict[str, Any]]

@@ -4,6 +4,8 @@
 
     preference  {prompt, chosen, rejected}   DPO, ORPO, SimPO, reward models
     kto         {prompt, completion, label}  KTO: one completion, desirable (true) or not (false)
+    prompt      {prompt, ...}                online_dpo / grpo: the model writes the answers; the
+                                             other columns go to the reward functions
 
 Each of ``prompt`` / ``chosen`` / ``rejected`` / ``completion`` is either a string or OpenAI-style
 messages (``[{role, content}]``; ShareGPT ``{from, value}`` too, as for ``chat`` rows)::
@@ -156,6 +158,18 @@ def unpaired_fields(row: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
     """A ``kto`` row as the fields KTO encodes."""
     row_ = to_unpaired(Record("", row), cfg)
     return {"prompt": row_.prompt, "completion": row_.completion, "desirable": row_.desirable}
+
+
+def prompt_fields(row: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
+    """A ``prompt`` row (online objectives): its prompt as messages, and the row's other columns,
+    which the reward functions receive as keyword arguments."""
+    column = cfg.columns.get("prompt", "prompt")
+    prompt = _messages(row, "prompt", cfg, "user")
+    _check_prompt(prompt, "prompt")
+    if not any(m["content"].strip() for m in prompt):
+        raise EmptyRowError(f"{_where('prompt', column)} is empty: there is nothing to answer")
+    columns = {str(k): v for k, v in row.items() if k != column}
+    return {"prompt": _with_system(prompt, cfg), "columns": columns, "text_prompt": isinstance(row[column], str)}
 
 
 def _is_conversation(row: dict[str, Any], name: str, cfg: DataConfig) -> bool:

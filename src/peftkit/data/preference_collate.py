@@ -35,7 +35,7 @@ def collate_pairs(examples: Sequence[PreferenceExample], pad_token_id: int) -> d
     """``input_ids``, ``attention_mask``, ``labels``, each (2B, T): all chosen rows, then all rejected."""
     rows = [(e.prompt_ids, e.chosen_ids) for e in examples]
     rows += [(e.prompt_ids, e.rejected_ids) for e in examples]
-    return _pad(rows, pad_token_id)
+    return collate_rows(rows, pad_token_id)
 
 
 def collate_unpaired(
@@ -51,7 +51,7 @@ def collate_unpaired(
     The KL rows need at least two examples: with one, the "mismatched" row would be the row
     itself and z0 would equal the row's own reward (TRL refuses batch size 1 for the same reason).
     """
-    batch = _pad([(e.prompt_ids, e.completion_ids) for e in examples], pad_token_id)
+    batch = collate_rows([(e.prompt_ids, e.completion_ids) for e in examples], pad_token_id)
     batch["desirable"] = torch.tensor([e.desirable for e in examples], dtype=torch.bool)
     if not kl:
         return batch
@@ -65,12 +65,14 @@ def collate_unpaired(
         completion = examples[i - 1].completion_ids  # i - 1 = -1 for the first row: the last one's
         room = None if max_seq_len is None else max(max_seq_len - len(example.prompt_ids), 1)
         rows.append((example.prompt_ids, completion[:room]))
-    kl_batch = _pad(rows, pad_token_id)
+    kl_batch = collate_rows(rows, pad_token_id)
     batch.update({f"kl_{key}": value for key, value in kl_batch.items()})
     return batch
 
 
-def _pad(rows: list[tuple[list[int], list[int]]], pad_token_id: int | None) -> dict[str, torch.Tensor]:
+def collate_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int | None) -> dict[str, torch.Tensor]:
+    """(prompt ids, completion ids) rows -> right-padded ``input_ids`` / ``attention_mask`` and
+    ``labels`` on the completions only, each (rows, T)."""
     if pad_token_id is None:
         raise ValueError(
             "the tokenizer has no pad token, so a batch cannot be padded: set tokenizer.pad_token "

@@ -154,7 +154,8 @@ class _Loader:
                 self.bad_row(record.origin, str(err))
         if empty:
             raise DataError(_empty_rows_message(empty, label))
-        if fmt is not None and not is_builtin(source):  # a built-in's defaults choose its columns
+        # A built-in's defaults choose its columns; prompt rows hand every column to the judges.
+        if fmt not in (None, "prompt") and not is_builtin(source):
             _warn_unread_columns(columns - read_columns(fmt, self.cfg), fmt, label)
         if not samples:
             skipped = self.report.skipped - skipped_before

@@ -19,7 +19,7 @@ from typing import Any
 
 from peftkit.data.config import DataConfig
 from peftkit.data.formats import EmptyRowError, RowError, _missing, _optional_text, _text
-from peftkit.data.preference import pair_fields, unpaired_fields
+from peftkit.data.preference import pair_fields, prompt_fields, unpaired_fields
 
 
 def _label(row: dict[str, Any], name: str, cfg: DataConfig) -> str:
@@ -110,5 +110,6 @@ TASK_FORMATS: dict[str, Callable[[dict[str, Any], DataConfig], dict[str, Any]]] 
     "source_target": source_target,
     "preference": pair_fields,
     "kto": unpaired_fields,
+    "prompt": prompt_fields,
 }
 """Format name -> row reader; the task packages encode what these return."""

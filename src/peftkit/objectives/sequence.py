@@ -62,16 +62,29 @@ def _row_logps(
     model: nn.Module, batch: dict[str, torch.Tensor], parts: tuple[nn.Module, nn.Module] | None
 ) -> torch.Tensor:
     """The summed label log-probs of the two-row layout: one row per completion."""
+    picked, row_of_label = _token_logps(model, batch, parts)
+    rows = batch["input_ids"].shape[0]
+    return torch.zeros(rows, dtype=torch.float32, device=picked.device).index_add(0, row_of_label, picked)
+
+
+def completion_token_logps(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per label token, flat over the batch (row by row, left to right): its log-probability
+    (fp32) and its row. No padding: GRPO's per-token loss works on these vectors."""
+    return _token_logps(model, batch, body_and_head(model))
+
+
+def _token_logps(
+    model: nn.Module, batch: dict[str, torch.Tensor], parts: tuple[nn.Module, nn.Module] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
-    rows = batch["input_ids"].shape[0]
+    row_of_label = mask.nonzero()[:, 0]
     if parts is None:  # no separable output layer: full logits (small or unusual models only)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, -batch["input_ids"].shape[1] : -1]  # virtual tokens of prompt methods off
-        picked = _label_logps(logits[mask], labels[mask])
-        return torch.zeros(rows, dtype=torch.float32, device=picked.device).index_add(
-            0, mask.nonzero()[:, 0], picked
-        )
+        return _label_logps(logits[mask], labels[mask]), row_of_label
     body, head = parts
     tuner = getattr(model, "base_model", None)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -88,25 +101,28 @@ def _row_logps(
     else:
         hidden = body(**inputs, use_cache=False)[0]
     selected = hidden[:, :-1][mask]  # (n_labels, hidden)
-    return _summed(head, selected, labels[mask], mask.nonzero()[:, 0], rows)
+    return _picked(head, selected, labels[mask]), row_of_label
 
 
 def _summed(
     head: nn.Module, selected: torch.Tensor, targets: torch.Tensor, row_of_label: torch.Tensor, rows: int
 ) -> torch.Tensor:
-    """Per row, the summed log-prob of its labels: the head applied to ``selected`` hidden states
-    (one per label) in chunks of ``_CHUNK``, never to every position."""
-    picked = (
-        torch.cat(
-            [
-                _label_logps(head(selected[start : start + _CHUNK]), targets[start : start + _CHUNK])
-                for start in range(0, selected.shape[0], _CHUNK)
-            ]
-        )
-        if selected.shape[0]
-        else selected.new_zeros((0,), dtype=torch.float32)
-    )
+    """Per row, the summed log-prob of its labels (see :func:`_picked`)."""
+    picked = _picked(head, selected, targets)
     return torch.zeros(rows, dtype=torch.float32, device=picked.device).index_add(0, row_of_label, picked)
+
+
+def _picked(head: nn.Module, selected: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each label's log-prob: the head applied to ``selected`` hidden states (one per label) in
+    chunks of ``_CHUNK``, never to every position."""
+    if not selected.shape[0]:
+        return selected.new_zeros((0,), dtype=torch.float32)
+    return torch.cat(
+        [
+            _label_logps(head(selected[start : start + _CHUNK]), targets[start : start + _CHUNK])
+            for start in range(0, selected.shape[0], _CHUNK)
+        ]
+    )
 
 
 def _label_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -136,6 +152,17 @@ class Reference:
         try:
             with torch.no_grad(), self.active(model):
                 return completion_logps(model, batch, shared_prompt)
+        finally:
+            model.train(was_training)
+
+    def token_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per label token (flat, as :func:`completion_token_logps`), without gradients, in eval mode."""
+        was_training = model.training
+        model.eval()
+        _keep_mode_dependent_kernels(model, was_training)
+        try:
+            with torch.no_grad(), self.active(model):
+                return completion_token_logps(model, batch)[0]
         finally:
             model.train(was_training)
 

@@ -35,13 +35,16 @@ NOT_TRAINABLE = {
 }
 
 
-def get_task(task_type: TaskType | str | None, objective: str = "sft", preference: Any = None) -> Task:
-    """A fresh task object for ``task_type`` (None: CAUSAL_LM), or for a preference ``objective``
-    (dpo, kto, orpo, simpo, reward: ``peftkit.objectives``) with its ``preference`` options."""
+def get_task(
+    task_type: TaskType | str | None, objective: str = "sft", preference: Any = None, job: Any = None
+) -> Task:
+    """A fresh task object for ``task_type`` (None: CAUSAL_LM), or for an ``objective`` (dpo, kto,
+    orpo, simpo, reward, online_dpo, grpo: ``peftkit.objectives``) with its ``preference`` options
+    (and, for the online ones, ``job``'s reward and sampling sections)."""
     if objective not in (None, "sft"):
         from peftkit.objectives import objective_task
 
-        return objective_task(objective, preference)
+        return objective_task(objective, preference, job)
     kind = TaskType(task_type) if task_type is not None else TaskType.CAUSAL_LM
     if kind in NOT_TRAINABLE:
         raise PeftkitError(NOT_TRAINABLE[kind])

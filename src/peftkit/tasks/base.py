@@ -152,6 +152,14 @@ class Task:
         ``run`` holds the data, run directory, world, precision and batch settings it may need."""
         return None
 
+    def sample_step(
+        self, model: Any, shards: list[tuple[list[Any], bool]], *, step: int, world: Any
+    ) -> list[tuple[list[Any], bool]]:
+        """A per-step phase before the micro-batches are collated: this step's micro-batches
+        (examples, whether they count) -> the ones to train on. The online objectives sample and
+        judge answers here (objectives/online.py); other tasks train on the data as it is."""
+        return shards
+
     def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
 

@@ -33,8 +33,15 @@ from typing import Any, Literal
 from peftkit.configuration import ConfigError, closest, from_dict, to_dict, unknown_key_message
 from peftkit.data import DataConfig
 from peftkit.methods.base import TaskType
-from peftkit.objectives.config import Objective, PreferenceConfig, objective_problems
+from peftkit.objectives.config import (
+    Objective,
+    PreferenceConfig,
+    objective_fit,
+    objective_problems,
+    online_problems,
+)
 from peftkit.quantization import QuantizationConfig
+from peftkit.rlaif.config import RewardConfig, SamplingConfig
 from peftkit.train.evaluation_config import EvaluationConfig
 from peftkit.train.reporting import LoggingConfig, reporter_problems
 from peftkit.train.tokens import TokensConfig
@@ -253,12 +260,28 @@ class TrainJobConfig:
             "loss). dpo, kto, orpo, simpo: preference optimisation on data.format preference (prompt, "
             "chosen, rejected; kto: prompt, completion, label) with the options in `preference`. reward: a "
             "reward model, a one-output sequence-classification head trained on preference pairs "
-            "(task SEQ_CLS)."
+            "(task SEQ_CLS). online_dpo, grpo: learning from AI feedback on data.format prompt: every step "
+            "samples answers (section sampling), the judges in section reward score them, and the model "
+            "learns from the best vs the worst (online_dpo) or from group-relative advantages (grpo)."
         },
     )
     preference: PreferenceConfig = field(
         default_factory=PreferenceConfig,
         metadata={"help": "Options of the preference objectives (beta, loss_type, reference, ...)."},
+    )
+    reward: RewardConfig = field(
+        default_factory=RewardConfig,
+        metadata={
+            "help": "online_dpo / grpo: the judges of the sampled answers (functions, models, judge, "
+            "weights); see rlaif/config.py."
+        },
+    )
+    sampling: SamplingConfig = field(
+        default_factory=SamplingConfig,
+        metadata={
+            "help": "online_dpo / grpo: how answers are sampled (num_generations, max_completion_length, "
+            "temperature, top_p, top_k)."
+        },
     )
     init_adapter: str | None = field(
         default=None,
@@ -363,6 +386,12 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
     defaults = to_dict(PreferenceConfig())
     given = raw.get("preference") if isinstance(raw.get("preference"), dict) else {}
     preference_keys = {k for k, v in given.items() if k not in defaults or v != defaults[k]}
+    online_sections = {  # as for preference: a recorded train_config.yaml lists every default
+        name
+        for name, cls in (("reward", RewardConfig), ("sampling", SamplingConfig))
+        if isinstance(raw.get(name), dict)
+        and any(to_dict(cls()).get(k, object()) != v for k, v in raw[name].items())
+    }
     if raw.get("objective") == "reward" and "task" not in raw:
         raw["task"] = TaskType.SEQ_CLS.value  # a reward model is a one-output classifier
     top_fields = {f.name for f in dataclasses.fields(TrainJobConfig) if f.name != "method_config"}
@@ -398,7 +427,8 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
             )
     if job is not None:
         problems.extend(objective_problems(job.objective, job.preference, preference_keys))
-        problems.extend(_objective_fit(job, method, spec))
+        problems.extend(objective_fit(job, method))
+        problems.extend(online_problems(job.objective, job.reward, online_sections))
     if job is not None and not job.output_dir.strip():
         problems.append(
             "'output_dir' is empty, which would write the run into the current directory: set it to a "
@@ -413,45 +443,6 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
     assert job is not None
     job.method_config = method_config
     return job
-
-
-def _objective_fit(job: TrainJobConfig, method: str, spec: Any) -> list[str]:
-    """Task, method and run settings a preference objective cannot work with, and why."""
-    problems = []
-    if job.objective == "reward" and job.task != TaskType.SEQ_CLS:
-        problems.append(
-            f"objective reward trains a one-output sequence-classification head, but 'task' is "
-            f"{job.task.value}: remove 'task' or set task: SEQ_CLS"
-        )
-    if job.objective not in ("sft", "reward") and job.task != TaskType.CAUSAL_LM:
-        problems.append(
-            f"objective {job.objective} scores the completions' log-probabilities under a language model, "
-            f"but 'task' is {job.task.value}: set task: CAUSAL_LM"
-        )
-    if job.objective == "kto" and job.training.batch_size < 2:
-        problems.append(
-            "'training.batch_size' is 1 but objective kto estimates its reference point on each prompt "
-            "paired with another row's completion of the same micro-batch: set it to 2 or more"
-        )
-    if job.objective != "sft":
-        if job.training.packing:
-            problems.append(
-                f"'training.packing' is true but objective {job.objective} needs each completion's own "
-                "log-probability (chosen and rejected share a prompt): set training.packing: false"
-            )
-        if job.distributed == "fsdp":  # auto picks fsdp for full fine-tuning: refused in setup then
-            problems.append(
-                f"'distributed' is fsdp but objective {job.objective} is not supported with sharded "
-                "parameters yet: set distributed: ddp (ignored in a single process)"
-            )
-    if job.init_adapter is not None:
-        if method == "full":
-            problems.append(
-                "'init_adapter' starts from a saved adapter, but method is full (no adapter): to continue "
-                "from a fully fine-tuned model, set base_model to its directory"
-            )
-    del spec
-    return problems
 
 
 def _methods_with(capability: str, methods: list[str]) -> list[str]:
@@ -525,6 +516,7 @@ def load_job_config(
     """The job in YAML file ``path`` with ``--set`` ``overrides``, validated before any model loads;
     ``for_training`` also checks this machine (``peftkit.preflight``; ``peftkit eval`` skips it)."""
     job = build_job_config(apply_overrides(read_yaml(path), overrides or []), source=str(path))
+    job.source_dir = str(Path(path).resolve().parent)  # where reward functions' modules may lie
     if for_training:
         from peftkit.preflight import training_machine_problems
 

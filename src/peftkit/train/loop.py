@@ -107,7 +107,7 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
 
     t = job.training
     setup_started = time.time()
-    task = get_task(job.task, job.objective, job.preference)
+    task = get_task(job.task, job.objective, job.preference, job)
     check_tokens_for_method(job.tokens, job.method, job.method_config)
     check_sources(job.data, ("train",), task=task)  # before any model loads
     check_init_adapter(job)
@@ -199,6 +199,8 @@ def setup(job: TrainJobConfig, *, resume: bool = False, overwrite: bool = False)
         batch_size=job.evaluation.batch_size,
         pad_token_id=tokenizer.pad_token_id,
         resume=checkpoint is not None,
+        tokenizer=tokenizer,
+        seed=t.seed,
     )
     if reference:
         say(f"reference model: {reference}")
@@ -349,6 +351,8 @@ def _run_steps(
         started = time.perf_counter()
         # This rank's share of each global micro-batch (all of it in a single process).
         shards = [world.shard(session.stream.get((step - 1) * accum + i)) for i in range(accum)]
+        # The objective's sampling phase, if it has one (online_dpo, grpo: prompts -> judged answers).
+        shards = task.sample_step(model, shards, step=step, world=world)
         batches = [collate(examples, pad_id) for examples, _ in shards]
         weights = [1.0 if real else 0.0 for _, real in shards]
         # Normalise by what the loss averages over (label tokens, or examples for classifiers) in
