@@ -169,7 +169,11 @@ def prompt_fields(row: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
     if not any(m["content"].strip() for m in prompt):
         raise EmptyRowError(f"{_where('prompt', column)} is empty: there is nothing to answer")
     columns = {str(k): v for k, v in row.items() if k != column}
-    return {"prompt": _with_system(prompt, cfg), "columns": columns, "text_prompt": isinstance(row[column], str)}
+    return {
+        "prompt": _with_system(prompt, cfg),
+        "columns": columns,
+        "text_prompt": isinstance(row[column], str),
+    }
 
 
 def _is_conversation(row: dict[str, Any], name: str, cfg: DataConfig) -> bool:

@@ -70,7 +70,9 @@ def collate_unpaired(
     return batch
 
 
-def collate_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int | None) -> dict[str, torch.Tensor]:
+def collate_rows(
+    rows: list[tuple[list[int], list[int]]], pad_token_id: int | None
+) -> dict[str, torch.Tensor]:
     """(prompt ids, completion ids) rows -> right-padded ``input_ids`` / ``attention_mask`` and
     ``labels`` on the completions only, each (rows, T)."""
     if pad_token_id is None:

@@ -185,18 +185,32 @@ class OnlineTask(PreferenceTask):
 
     # -- the sampling phase ------------------------------------------------------------------------
     def sample_step(
-        self, model: Any, shards: list[tuple[list[Any], bool]], *, step: int, world: Any
+        self,
+        model: Any,
+        shards: list[tuple[list[Any], bool]],
+        *,
+        step: int,
+        world: Any,
+        global_batch_size: int,
     ) -> list[tuple[list[Any], bool]]:
         """This step's micro-batches of prompts -> micro-batches of training rows (and whether
         each counts: a process's padding share, or a placeholder where no answer could train)."""
         prompts = [p for examples, _ in shards for p in examples]
+        # Each prompt's seed from its place in the step's global batch (micro-batch i, position
+        # rank + k * size, as world.shard deals them): the answers do not depend on accumulation
+        # or processes.
+        seeds = [
+            step_seed(self.seed, step, i * global_batch_size + world.rank + k * world.size)
+            for i, (examples, _) in enumerate(shards)
+            for k in range(len(examples))
+        ]
         started = time.perf_counter()
         answers = sample_answers(
             model,
             self.tokenizer,
             [p.prompt_ids for p in prompts],
             self.sampling,
-            seed=step_seed(self.seed, step, world.rank),
+            seeds=seeds,
             autocast_dtype=self.autocast_dtype,
         )
         sampled = time.perf_counter()

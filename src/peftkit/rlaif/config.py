@@ -46,7 +46,9 @@ class RewardModelSpec:
     )
     name: str | None = field(
         default=None,
-        metadata={"help": "Name in the metrics (rewards/<name>/mean); null: the directory's name (and label)."},
+        metadata={
+            "help": "Name in the metrics (rewards/<name>/mean); null: the directory's name (and label)."
+        },
     )
 
     def validate(self) -> list[str]:
@@ -80,7 +82,9 @@ class LLMJudgeConfig:
             "template asking for a number (score) or for 1 or 2 (pairwise)."
         },
     )
-    max_score: float = field(default=10.0, metadata={"help": "score mode: the highest grade the template asks for."})
+    max_score: float = field(
+        default=10.0, metadata={"help": "score mode: the highest grade the template asks for."}
+    )
     max_new_tokens: int = field(default=8, metadata={"help": "Tokens the judge may write for its verdict."})
     name: str = field(default="judge", metadata={"help": "Name in the metrics (rewards/<name>/mean)."})
 
@@ -91,7 +95,9 @@ class LLMJudgeConfig:
         if self.max_new_tokens < 1:
             problems.append(f"'reward.judge.max_new_tokens' must be >= 1, got {self.max_new_tokens}")
         if self.template is not None:
-            needed = ("{prompt}", "{completion}") if self.mode == "score" else ("{prompt}", "{first}", "{second}")
+            needed = (
+                ("{prompt}", "{completion}") if self.mode == "score" else ("{prompt}", "{first}", "{second}")
+            )
             missing = [p for p in needed if p not in self.template]
             if missing:
                 problems.append(
@@ -127,7 +133,9 @@ class RewardConfig:
             "sum of the judges that scored an answer. null: all 1."
         },
     )
-    batch_size: int = field(default=16, metadata={"help": "Answers scored per forward pass of a model judge."})
+    batch_size: int = field(
+        default=16, metadata={"help": "Answers scored per forward pass of a model judge."}
+    )
 
     def count(self) -> int:
         return len(self.functions) + len(self.models) + (self.judge is not None)
@@ -165,7 +173,9 @@ class SamplingConfig:
         default=64, metadata={"help": "Most tokens per answer; a longer answer is cut (and counted)."}
     )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the top tokens of this mass."})
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling: keep the top tokens of this mass."}
+    )
     top_k: int | None = field(default=None, metadata={"help": "Keep only the k likeliest tokens; null: all."})
     batch_size: int = field(
         default=32, metadata={"help": "Sequences generated together (prompts x generations), KV cache on."}
@@ -179,7 +189,9 @@ class SamplingConfig:
                 f"got {self.num_generations}"
             )
         if self.max_completion_length < 1:
-            problems.append(f"'sampling.max_completion_length' must be >= 1, got {self.max_completion_length}")
+            problems.append(
+                f"'sampling.max_completion_length' must be >= 1, got {self.max_completion_length}"
+            )
         if self.temperature <= 0:
             problems.append(f"'sampling.temperature' must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

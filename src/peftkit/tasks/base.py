@@ -153,10 +153,17 @@ class Task:
         return None
 
     def sample_step(
-        self, model: Any, shards: list[tuple[list[Any], bool]], *, step: int, world: Any
+        self,
+        model: Any,
+        shards: list[tuple[list[Any], bool]],
+        *,
+        step: int,
+        world: Any,
+        global_batch_size: int,
     ) -> list[tuple[list[Any], bool]]:
         """A per-step phase before the micro-batches are collated: this step's micro-batches
-        (examples, whether they count) -> the ones to train on. The online objectives sample and
+        (examples, whether they count; this process's share of global micro-batches of
+        ``global_batch_size`` examples) -> the ones to train on. The online objectives sample and
         judge answers here (objectives/online.py); other tasks train on the data as it is."""
         return shards
 

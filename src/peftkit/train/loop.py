@@ -352,7 +352,9 @@ def _run_steps(
         # This rank's share of each global micro-batch (all of it in a single process).
         shards = [world.shard(session.stream.get((step - 1) * accum + i)) for i in range(accum)]
         # The objective's sampling phase, if it has one (online_dpo, grpo: prompts -> judged answers).
-        shards = task.sample_step(model, shards, step=step, world=world)
+        shards = task.sample_step(
+            model, shards, step=step, world=world, global_batch_size=session.stream.batch_size
+        )
         batches = [collate(examples, pad_id) for examples, _ in shards]
         weights = [1.0 if real else 0.0 for _, real in shards]
         # Normalise by what the loss averages over (label tokens, or examples for classifiers) in
