@@ -322,7 +322,7 @@ class OnlineTask(PreferenceTask):
         prompts = list(examples)
         ids = [p.prompt_ids for p in prompts]
         greedy = sample_answers(
-            model, self.tokenizer, ids, self.sampling, seed=0, greedy=True, autocast_dtype=autocast_dtype
+            model, self.tokenizer, ids, self.sampling, greedy=True, autocast_dtype=autocast_dtype
         )
         judged = self.judge(prompts, greedy)
         out: dict[str, Any] = {"n": len(prompts)}
@@ -336,7 +336,7 @@ class OnlineTask(PreferenceTask):
                 self.tokenizer,
                 ids,
                 self.sampling,
-                seed=EVAL_SEED,
+                seeds=[step_seed(EVAL_SEED, i) for i in range(len(ids))],
                 num_generations=1,
                 autocast_dtype=autocast_dtype,
             )
