@@ -31,7 +31,7 @@ from peftkit.data.preference import Messages
 from peftkit.data.preference_encode import _keep_last, _Tokens  # private: the same rendering as pairs
 from peftkit.objectives.base import PreferenceTask
 from peftkit.objectives.config import PreferenceConfig
-from peftkit.objectives.sequence import AdapterOff, completion_logps
+from peftkit.objectives.sequence import AdapterOff, completion_token_logps
 from peftkit.rlaif.config import RewardConfig, SamplingConfig
 from peftkit.rlaif.sampling import SampledAnswer, sample_answers, step_seed
 from peftkit.tasks.base import TaskEncoder, inference
@@ -363,8 +363,10 @@ class OnlineTask(PreferenceTask):
         answers: list[list[SampledAnswer]],
         autocast_dtype: Any,
     ) -> float:
-        """Mean over answers sampled from the policy of log pi(y|x) - log pi_ref(y|x): a Monte Carlo
-        estimate of KL(pi || pi_ref) per answer (0 for the starting model)."""
+        """KL(policy || reference) per answer, estimated on answers sampled from the policy: the sum
+        over each answer's tokens of the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman
+        2020; unbiased and never negative, unlike the plain log-ratio), averaged over answers;
+        0 for the starting model."""
         from peftkit.data.preference_collate import collate_rows
 
         rows = [(p.prompt_ids, g[0].ids) for p, g in zip(prompts, answers) if g[0].ids]
@@ -373,9 +375,10 @@ class OnlineTask(PreferenceTask):
         with inference(model, autocast_dtype):
             for start in range(0, len(rows), size):
                 batch = self.to_device(collate_rows(rows[start : start + size], pad), model)
-                ref = self.reference.logps(model, batch)[0]
-                policy = completion_logps(model, batch)[0]
-                total += float((policy - ref).sum())
+                ref = self.reference.token_logps(model, batch)
+                policy = completion_token_logps(model, batch)[0]
+                log_ratio = ref - policy
+                total += float((log_ratio.exp() - log_ratio - 1).sum())
         return total / max(1, len(rows))
 
     def metric_lines(self, metrics: dict[str, Any]) -> list[str]:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from transformers import LogitsProcessorList
 
 from peftkit.evaluation import _eos_ids, generate_token_ids
