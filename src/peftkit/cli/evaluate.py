@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from peftkit.configuration import ConfigError
     from peftkit.data import check_sources, count_rows, load_split
     from peftkit.io import write_json
+    from peftkit.objectives.config import ONLINE_OBJECTIVES
     from peftkit.objectives.evaluation import evaluation_task
     from peftkit.preflight import device_problem, writable_file_problem
     from peftkit.tasks import get_task, load_task
@@ -95,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
     objective = getattr(task, "objective", None)  # the adapter's preference objective, if any
     # a dpo / orpo / simpo / kto adapter on prompt/completion rows: measured by generation
     task, note = evaluation_task(task, data_cfg, split)
+    if args.config and job.objective in ONLINE_OBJECTIVES and objective not in ONLINE_OBJECTIVES:
+        # An online job's config: its held-out prompts and judges measure any causal-LM adapter
+        # (the offline pairs + DPO route against the online one) or the base model.
+        task = get_task(job.task, job.objective, job.preference, job)
+        note = "measured as the config's objective measures: answers to its prompts, scored by its judges"
     check_sources(data_cfg, (split,), task=task)  # before the model loads
     if task.labels is None:
         task.prepare(job.data)  # a classifier's label names: read from the training data as training did
