@@ -6,12 +6,14 @@ every optimizer step, judges' rewards, held-out rewards and KL.
     data.format prompt  {prompt, ...other columns}  -> PromptExample (prompt ids; columns for the judges)
     each optimizer step, on each process (Task.sample_step, called by the loop before its micro-batches):
         this step's prompts --sample_answers--> num_generations answers each (one batched generate,
-        KV cache, adapters unmerged, the policy in eval mode: no dropout), seeded by
-        (training.seed, step, rank): resume reproduces them
+        KV cache, adapters unmerged, the policy in eval mode: no dropout), each answer seeded by
+        (training.seed, step, its prompt's place in the step's global batch, its number):
+        resume, accumulation and processes reproduce them (rlaif/sampling.py)
         --judges (peftkit.judges)--> one reward per answer (None: no judge scored it)
         --training_examples (the objective)--> the step's micro-batches of training rows
     logged: reward, reward_std (mean of the groups' stds), rewards/<judge>/mean, completion_length,
-            completions/truncated, frac_reward_zero_std, time/generate_s, time/score_s
+            completions/truncated, frac_reward_zero_std, rewards/skipped, pairs_fraction (online_dpo),
+            time/generate_s, time/score_s, time/train_s (this process's; averaged over processes)
 
 ``training.batch_size`` counts prompts per micro-batch: a grpo micro-batch trains on
 batch_size x num_generations answers (TRL's per_device_train_batch_size counts answers).
@@ -133,6 +135,7 @@ class OnlineTask(PreferenceTask):
         self.tokenizer: Any = None
         self.autocast_dtype: torch.dtype | None = None
         self.seed = 0
+        self._judged_at: float | None = None  # when this step's sampling phase ended
 
     def metadata(self) -> dict[str, Any]:
         from peftkit.configuration import to_dict
@@ -216,8 +219,9 @@ class OnlineTask(PreferenceTask):
         sampled = time.perf_counter()
         samples = self.judge(prompts, answers)
         self.whole_step(samples, [counts for examples, counts in shards for _ in examples], world)
+        self._judged_at = time.perf_counter()
         self.keep_metrics(
-            {"time/generate_s": sampled - started, "time/score_s": time.perf_counter() - sampled}, 1.0
+            {"time/generate_s": sampled - started, "time/score_s": self._judged_at - sampled}, 1.0
         )
         parts, start = [], 0
         for examples, _ in shards:
@@ -230,6 +234,14 @@ class OnlineTask(PreferenceTask):
             rows, placeholder = self.training_examples(part)
             out.append((rows, counts and not placeholder))
         return out
+
+    def step_metrics(self, world: Any, device: torch.device) -> dict[str, float]:
+        """The step's metrics, with ``time/train_s``: from the judges' last verdict to the end of
+        the optimizer step (forward, backward, reference pass, optimizer)."""
+        if self._judged_at is not None:
+            self.keep_metrics({"time/train_s": time.perf_counter() - self._judged_at}, 1.0)
+            self._judged_at = None
+        return super().step_metrics(world, device)
 
     def judge(self, prompts: list[PromptExample], answers: list[list[SampledAnswer]]) -> StepSamples:
         columns: dict[str, list[Any]] = {}
