@@ -331,6 +331,18 @@ class OnlineTask(PreferenceTask):
     def held_out(
         self, model: Any, examples: Sequence[Any], autocast_dtype: torch.dtype | None, *, kl: bool
     ) -> dict[str, Any]:
+        kept = self._sums, self._weights, self._extremes  # a step's metrics, kept apart
+        self._sums, self._weights, self._extremes = {}, {}, {}
+        try:
+            out = self._held_out(model, examples, autocast_dtype, kl=kl)
+            unparseable = {k: v for k, v in self._sums.items() if k.endswith("/unparseable")}
+            return {**out, **unparseable}
+        finally:
+            self._sums, self._weights, self._extremes = kept
+
+    def _held_out(
+        self, model: Any, examples: Sequence[Any], autocast_dtype: torch.dtype | None, *, kl: bool
+    ) -> dict[str, Any]:
         prompts = list(examples)
         ids = [p.prompt_ids for p in prompts]
         greedy = sample_answers(
