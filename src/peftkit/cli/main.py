@@ -18,6 +18,7 @@ COMMANDS = {
     "combine": "peftkit.cli.combine",
     "merge": "peftkit.cli.merge",
     "score": "peftkit.cli.score",
+    "label-pairs": "peftkit.cli.label_pairs",
 }
 
 

@@ -25,6 +25,7 @@ Format = Literal[
     "source_target",
     "preference",
     "kto",
+    "prompt",
 ]
 TrainOn = Literal["completion", "all"]
 EncodingErrors = Literal["strict", "replace"]
@@ -78,7 +79,7 @@ class DataConfig:
             "token is trained on); for other tasks: text_label (text, label, [text_pair]), "
             "tokens_tags (tokens, tags), qa (question, context, answers), source_target (source, "
             "target); for the preference objectives: preference (prompt, chosen, rejected) and kto (prompt, "
-            "completion, label). auto: detected from the first row's keys among the formats of the job's task."
+            "completion, label); for online_dpo / grpo: prompt (prompt, any other columns for the judges). auto: detected from the first row's keys among the formats of the job's task."
         },
     )
     columns: dict[str, str] = field(

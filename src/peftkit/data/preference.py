@@ -57,6 +57,10 @@ PREFERENCE_FIELDS: dict[str, tuple[str, ...]] = {name: FORMAT_FIELDS[name] for n
 
 _TRUE, _FALSE = "true", "false"
 
+ANNOTATION_COLUMNS = ("score_chosen", "score_rejected", "scores", "origin")
+"""Columns a ``preference`` row may carry for people to read (``peftkit label-pairs`` writes the
+judges' scores and the prompt's file:line): not read, and not warned about."""
+
 
 @dataclass
 class PreferencePair:

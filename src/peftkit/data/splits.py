@@ -35,6 +35,7 @@ from peftkit.data.formats import (
     read_columns,
     to_sample,
 )
+from peftkit.data.preference import ANNOTATION_COLUMNS
 from peftkit.data.readers import Record, check_data_file, read_file, read_rows
 from peftkit.errors import DataError
 
@@ -156,7 +157,10 @@ class _Loader:
             raise DataError(_empty_rows_message(empty, label))
         # A built-in's defaults choose its columns; prompt rows hand every column to the judges.
         if fmt not in (None, "prompt") and not is_builtin(source):
-            _warn_unread_columns(columns - read_columns(fmt, self.cfg), fmt, label)
+            unread = columns - read_columns(fmt, self.cfg)
+            if fmt == "preference":
+                unread -= set(ANNOTATION_COLUMNS)
+            _warn_unread_columns(unread, fmt, label)
         if not samples:
             skipped = self.report.skipped - skipped_before
             why = f"all {skipped} rows were malformed and skipped" if skipped else "it has no rows"
