@@ -27,7 +27,7 @@ point, the counts so far and the settings' fingerprint (model, adapter, judges, 
 data). ``resume`` refuses a file made with other settings and cuts OUT back to the recorded
 length (a kill mid-write leaves a half line after it); without ``resume`` an existing OUT is
 refused unless ``overwrite``. While it runs the command holds a lock on OUT: a second run on the
-same file is refused.
+same file is refused (:mod:`peftkit.rlaif.label_state`).
 
 The job config is a normal peftkit job YAML (:func:`load_label_job`): whatever its objective,
 it is validated as ``objective: online_dpo`` (the objective whose ``reward`` / ``sampling``
@@ -37,37 +37,41 @@ sections and ``prompt`` data this reads), with the options that concern only tra
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from peftkit.configuration import ConfigError
 from peftkit.data.preference import ANNOTATION_COLUMNS
-from peftkit.errors import PeftkitError
 
-STATE_FORMAT = "peftkit-label-pairs/1"
+# The "X as X" imports re-export names that callers and tests import from this module, their
+# home before the output's state and the report moved to modules of their own.
+from peftkit.rlaif.label_report import DROP_REASONS as DROP_REASONS
+from peftkit.rlaif.label_report import LabelReport
+from peftkit.rlaif.label_state import STATE_FORMAT as STATE_FORMAT
+from peftkit.rlaif.label_state import (
+    check_settings,
+    claim_output,
+    cut_back,
+    dir_digest,
+    file_digest,
+    locked_output,
+    module_file,
+    prompts_digest,
+    write_state,
+)
+from peftkit.rlaif.label_state import state_path as state_path
+
 SPLITS = ("train", "validation", "test")
 #: The keys of an output row beside the preference fields (prompt, chosen, rejected).
 EXTRA_KEYS = ANNOTATION_COLUMNS  # the data loader reads past them without a warning
-#: Why a prompt gave no pair (LabelReport counts each).
-DROP_REASONS = ("ties", "unscored", "empty", "identical")
 # Sampling options that change which answers are sampled (batch_size only groups them).
 _SAMPLING_KEYS = ("num_generations", "max_completion_length", "temperature", "top_p", "top_k")
-
-
-def state_path(out: str | os.PathLike) -> Path:
-    """The state file beside output ``out``: ``OUT.state.json``."""
-    out = Path(out)
-    return out.with_name(out.name + ".state.json")
 
 
 # -- the config ------------------------------------------------------------------------------------
@@ -140,79 +144,6 @@ def load_label_job(path: str | os.PathLike, overrides: list[str] | None = None) 
     return job
 
 
-# -- the report ------------------------------------------------------------------------------------
-
-
-@dataclass
-class LabelReport:
-    """What :func:`label_pairs` did (over every run on the file: a resumed run continues the counts)."""
-
-    out: str
-    prompts_total: int = 0  # prompts in the split
-    prompts_target: int = 0  # of them, the first this run was to label (limit)
-    prompts_done: int = 0
-    resumed_at: int = 0  # prompts done before this run
-    pairs: int = 0
-    ties: int = 0
-    unscored: int = 0
-    empty: int = 0
-    identical: int = 0
-    answers: int = 0
-    empty_answers: int = 0
-    truncated_answers: int = 0  # cut at sampling.max_completion_length
-    margin_sum: float = 0.0  # sum of score_chosen - score_rejected over the pairs
-    unparseable: dict[str, int] = field(default_factory=dict)  # per judge: verdicts not read
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def dropped(self) -> int:
-        return self.ties + self.unscored + self.empty + self.identical
-
-    @property
-    def mean_margin(self) -> float | None:
-        return self.margin_sum / self.pairs if self.pairs else None
-
-    @property
-    def finished(self) -> bool:
-        return self.prompts_done >= self.prompts_total
-
-    def counts(self) -> dict[str, Any]:
-        keys = ("pairs", *DROP_REASONS, "answers", "empty_answers", "truncated_answers", "margin_sum")
-        return {**{k: getattr(self, k) for k in keys}, "unparseable": dict(self.unparseable)}
-
-    def restore(self, counts: dict[str, Any]) -> None:
-        for key, value in counts.items():
-            if key == "unparseable":
-                self.unparseable = {str(k): int(v) for k, v in value.items()}
-            elif hasattr(self, key):
-                setattr(self, key, type(getattr(self, key))(value))
-
-    def summary(self) -> str:
-        done = self.prompts_done
-        left = self.prompts_total - done
-        state = "all" if left == 0 else f"{done:,} of {self.prompts_total:,}"
-        lines = [f"label-pairs: {state} prompts labelled -> {self.pairs:,} pairs in {self.out}"]
-        if self.resumed_at:
-            lines.append(f"  resumed after prompt {self.resumed_at:,}")
-        reasons = ", ".join(f"{getattr(self, r):,} {r}" for r in DROP_REASONS)
-        lines.append(f"  prompts without a pair: {self.dropped:,} ({reasons})")
-        margin = self.mean_margin
-        if margin is not None:
-            lines.append(f"  mean margin (score_chosen - score_rejected): {margin:.4f}")
-        if self.answers:
-            lines.append(
-                f"  answers: {self.answers:,} sampled, {self.truncated_answers:,} cut at "
-                f"sampling.max_completion_length, {self.empty_answers:,} empty"
-            )
-        verdicts = ", ".join(f"{name} {n:,}" for name, n in self.unparseable.items() if n)
-        if verdicts:
-            lines.append(f"  unparseable verdicts: {verdicts}")
-        if left:
-            lines.append(f"  {left:,} prompts left: run again with --resume to continue")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -273,7 +204,7 @@ def label_pairs(
     settings = {
         "base_model": base,
         # the adapter's files, not its path: a copy elsewhere is the same adapter
-        "adapter_files": _dir_digest(adapter) if adapter else None,
+        "adapter_files": dir_digest(adapter) if adapter else None,
         "dtype": dtype,
         "seed": job.training.seed,
         "sampling": {k: v for k, v in to_dict(sampling).items() if k in _SAMPLING_KEYS},
@@ -281,9 +212,9 @@ def label_pairs(
         "data": {"split": split, **to_dict(job.data)},
     }
     report = LabelReport(str(out))
-    state = _claim_output(out, resume=resume, overwrite=overwrite)
+    state = claim_output(out, resume=resume, overwrite=overwrite)
     if state is not None:
-        _check_settings(state, settings, out)
+        check_settings(state, settings, out)
         report.restore(state.get("counts", {}))
         report.resumed_at = int(state["prompts_done"])
     _warn_ignored(job, adapter, say)
@@ -312,12 +243,12 @@ def label_pairs(
         threads=threads,
     )
     settings["reward_code"] = {
-        spec: _file_digest(_module_file(j.fn))
+        spec: file_digest(module_file(j.fn))
         for spec, j in zip(job.reward.functions, judges.judges)
         if isinstance(j, FunctionJudge)
     }
     if state is not None:
-        _check_settings(state, settings, out)
+        check_settings(state, settings, out)
 
     args = argparse.Namespace(
         base_model=base,
@@ -334,9 +265,9 @@ def label_pairs(
     )
     prompts = sorted(prompts, key=_data_order)  # the train split comes shuffled: label in the data's order
     settings["precision"] = args.precision_label
-    settings["prompts"] = {"count": len(prompts), "digest": _prompts_digest(prompts)}
+    settings["prompts"] = {"count": len(prompts), "digest": prompts_digest(prompts)}
     if state is not None:
-        _check_settings(state, settings, out)
+        check_settings(state, settings, out)
     report.prompts_total = len(prompts)
     report.prompts_target = min(len(prompts), limit) if limit is not None else len(prompts)
     report.prompts_done = report.resumed_at
@@ -359,12 +290,12 @@ def label_pairs(
         f"judges: {', '.join(judges.names)})"
     )
 
-    with _locked_output(out) as handle:
+    with locked_output(out) as handle:
         if state is not None:
-            _cut_back(handle, int(state["bytes"]), out, say)
+            cut_back(handle, int(state["bytes"]), out, say)
         else:
             handle.truncate(0)
-        _write_state(out, settings, report, os.fstat(handle.fileno()).st_size)
+        write_state(out, settings, report, os.fstat(handle.fileno()).st_size)
         _label(
             model,
             tokenizer,
@@ -446,7 +377,7 @@ def _label(
             handle.flush()
             os.fsync(handle.fileno())
             report.prompts_done = end
-            _write_state(Path(report.out), settings, report, os.fstat(handle.fileno()).st_size)
+            write_state(Path(report.out), settings, report, os.fstat(handle.fileno()).st_size)
             bar.update(end - start)
             bar.set_postfix(pairs=report.pairs, dropped=report.dropped, refresh=False)
             start = end
@@ -508,169 +439,6 @@ def data_prompt(prompt: Any, system_prompt: str | None = None) -> Any:
     if system_prompt is not None and messages[:1] == [{"role": "system", "content": system_prompt}]:
         messages = messages[1:]
     return messages
-
-
-# -- the output file and its state -----------------------------------------------------------------
-
-
-def _claim_output(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """The state to resume from (None: start afresh), or a refusal saying what to do."""
-    state_file = state_path(out)
-    has_rows = out.is_file() and out.stat().st_size > 0
-    if not resume:
-        if (has_rows or state_file.exists()) and not overwrite:
-            raise PeftkitError(
-                f"{out} already exists (from an earlier label-pairs run or elsewhere): pass --resume to continue "
-                "it, --overwrite to replace it, or choose another --out"
-            )
-        return None
-    if not state_file.exists():
-        if has_rows:
-            raise PeftkitError(
-                f"cannot resume {out}: it has no state file {state_file.name} (not written by label-pairs, or "
-                "the state was deleted), so how far it got is unknown; pass --overwrite to start again"
-            )
-        return None  # nothing to resume: start
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"format {state.get('format')!r}, expected {STATE_FORMAT!r}")
-        int(state["prompts_done"]), int(state["bytes"]), dict(state["settings"])
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise PeftkitError(
-            f"cannot resume {out}: its state file {state_file} is unreadable ({err}); pass --overwrite to start again"
-        ) from None
-    if not out.is_file():
-        raise PeftkitError(
-            f"cannot resume {out}: the file is gone but its state {state_file.name} is there; pass --overwrite "
-            "to start again"
-        )
-    size = out.stat().st_size
-    if size < int(state["bytes"]):
-        raise PeftkitError(
-            f"cannot resume {out}: it is shorter ({size:,} bytes) than when {state['prompts_done']:,} prompts "
-            f"were recorded done ({int(state['bytes']):,} bytes), so it was cut or edited since; pass "
-            "--overwrite to start again"
-        )
-    return state
-
-
-def _check_settings(state: dict[str, Any], settings: dict[str, Any], out: Path) -> None:
-    """Refuse to resume when a setting known so far differs from the recorded ones."""
-    recorded = _flat(state["settings"])
-    now = _flat(json.loads(json.dumps(settings, default=str)))
-    differ = [
-        f"{key}: {_short(recorded.get(key))} then, {_short(now.get(key))} now"
-        for key in sorted(set(recorded) | set(now))
-        if _known(key, settings) and recorded.get(key) != now.get(key)
-    ]
-    if differ:
-        raise PeftkitError(
-            f"cannot resume {out}: it was made with other settings ({'; '.join(differ[:6])}"
-            f"{'; ...' if len(differ) > 6 else ''}); resume with the same settings, pass --overwrite to start "
-            "again, or choose another --out"
-        )
-
-
-def _known(key: str, settings: dict[str, Any]) -> bool:
-    return key.split(".", 1)[0] in settings
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-@contextlib.contextmanager
-def _locked_output(out: Path) -> Iterator[Any]:
-    """OUT opened for appending, locked against a second run on it (where the OS locks files)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "ab") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory lock
-            fcntl = None
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise PeftkitError(
-                    f"{out} is being written by another label-pairs run; wait for it, or choose another --out"
-                ) from None
-        yield handle
-
-
-def _cut_back(handle: Any, size: int, out: Path, say: Callable[[str], None]) -> None:
-    """Drop what was written after the last recorded batch (a kill mid-write leaves a half line)."""
-    extra = os.fstat(handle.fileno()).st_size - size
-    if extra > 0:
-        say(
-            f"note: dropped {extra:,} bytes of {out} written after the last recorded prompt (an interrupted batch)"
-        )
-        handle.truncate(size)  # appends go to the end of the file: after this, right after the last row
-        os.fsync(handle.fileno())
-
-
-def _write_state(out: Path, settings: dict[str, Any], report: LabelReport, size: int) -> None:
-    from peftkit.io import write_json
-
-    write_json(
-        state_path(out),
-        {
-            "format": STATE_FORMAT,
-            "prompts_done": report.prompts_done,
-            "prompts_total": report.prompts_total,
-            "bytes": size,
-            "counts": report.counts(),
-            "settings": json.loads(json.dumps(settings, default=str)),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-    )
-
-
-# -- fingerprints ----------------------------------------------------------------------------------
-
-
-def _file_digest(path: str | os.PathLike | None) -> str | None:
-    if path is None or not Path(path).is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _dir_digest(directory: str | os.PathLike) -> str:
-    """One digest of the files directly in ``directory`` (an adapter: its config, weights, tokenizer)."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(directory).iterdir()):
-        if path.is_file():
-            digest.update(f"{path.name}\0{_file_digest(path)}\0".encode())
-    return digest.hexdigest()
-
-
-def _module_file(fn: Any) -> str | None:
-    module = sys.modules.get(getattr(fn, "__module__", None) or "")
-    return getattr(module, "__file__", None)
-
-
-def _prompts_digest(prompts: list[Any]) -> str:
-    """The split's prompts as the model sees them, in order: another data file, order or rendering
-    gives another digest."""
-    digest = hashlib.sha256()
-    for p in prompts:
-        digest.update(json.dumps([p.origin, p.prompt_ids, p.columns], default=str).encode())
-    return digest.hexdigest()
 
 
 def _data_order(prompt: Any) -> tuple[str, int]:
