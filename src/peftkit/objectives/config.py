@@ -172,8 +172,7 @@ def objective_problems(objective: str, preference: PreferenceConfig, explicit: s
             "during training, which cannot be computed ahead: use reference: auto"
         )
     elif objective == "grpo" and preference.beta_for("grpo") == 0:
-        if preference.reference == "precompute":
-            problems.append("'preference.reference' is precompute, but grpo with beta 0 uses no reference")
+        pass  # no reference: any value of preference.reference is moot
     elif objective in REFERENCE_OBJECTIVES:
         if preference.reference == "none":
             problems.append(

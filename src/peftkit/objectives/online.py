@@ -326,6 +326,8 @@ class OnlineTask(PreferenceTask):
         if self.judges is None:  # `peftkit eval`, or "before" evaluation: judges compute as the model does
             self.autocast_dtype = autocast_dtype
         self.load_judges(model)
+        if self.reference is None and not self.uses_reference and hasattr(model, "disable_adapter"):
+            self.reference = AdapterOff()  # grpo with beta 0: the KL to the base, as start_evaluation's
         return self.held_out(model, examples, autocast_dtype, kl=True)
 
     def held_out(
