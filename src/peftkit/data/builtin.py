@@ -202,3 +202,6 @@ register_builtin(
         derive=tweet_preference,
     )
 )
+
+# The prompt sets of learning from AI feedback (builtin:tweet-openings, builtin:arithmetic).
+from peftkit.data import builtin_rlaif  # noqa: E402, F401  (registers them)
