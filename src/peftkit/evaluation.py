@@ -171,7 +171,11 @@ def generate_token_ids(
     device = _device_of(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[list[int]] = [[] for _ in prompts]
-    with _inference(model, device, autocast_dtype), _progress(len(prompts), "generating", progress) as bar:
+    with (
+        _inference(model, device, autocast_dtype),
+        _contiguous_head_input(model),
+        _progress(len(prompts), "generating", progress) as bar,
+    ):
         for batch in _chunks(order, batch_size):
             rows = [list(prompts[i]) for i in batch]
             input_ids = _pad(rows, pad, left=True).to(device)  # (batch, longest prompt)
@@ -347,6 +351,24 @@ def _through_eos(tokens: list[int], eos: list[int]) -> list[int]:
 
 def _origin(example: Any) -> str:
     return getattr(example, "origin", None) or "an example"
+
+
+@contextlib.contextmanager
+def _contiguous_head_input(model: Any) -> Iterator[None]:
+    """Generation's first forward applies the output layer to ``hidden[:, -1:]``, a strided view:
+    torch's matmul cannot fold its batch dimension then, and expands the (vocab x hidden) weight
+    to one copy per row for a batched matmul instead (SmolLM2: 16 rows -> a 0.9 GB copy, 2.6 s of
+    a 5 s generate call on a CPU, measured). A contiguous input makes it one matmul."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, torch.nn.Module):
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
