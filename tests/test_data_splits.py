@@ -101,7 +101,7 @@ def test_summary_reports_counts_and_answer_shares(tiny_tokenizer):
 
 def test_unknown_and_missing_builtins(monkeypatch, tiny_tokenizer):
     with pytest.raises(
-        DataError, match="unknown built-in data set 'builtin:tweets'; available: builtin:tweet-sentiment"
+        DataError, match="unknown built-in data set 'builtin:tweets'; available: .*builtin:tweet-sentiment"
     ):
         build_datasets(DataConfig(train="builtin:tweets"), tiny_tokenizer)
     monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import save_tiny_model_dir
@@ -1006,3 +1007,40 @@ def test_grpo_over_a_quantized_base(tiny_model_dir, data, tmp_path, bits):
     logged, weights = train(raw)
     assert logged[0]["kl"] == 0.0 and all(math.isfinite(r["loss"]) for r in logged)
     assert "reward" in logged[0] and not lora_b_is_zero(weights)
+
+
+def test_eval_with_an_online_config_measures_an_offline_dpo_adapter(
+    tiny_model_dir, data, rewards, tmp_path, capsys
+):
+    """`peftkit eval ONLINE.yaml --adapter DPO_ADAPTER`: the offline route (pairs + dpo) measured as
+    the online job measures its own adapter: the config's held-out prompts answered and scored by
+    its judges, KL to the base; the same numbers as the online task's evaluate on that adapter."""
+    from peftkit.cli.main import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "chosen": "yes", "rejected": "no"}) + "\n" for r in ROWS)
+    )
+    dpo = raw_job(tiny_model_dir, pairs, tmp_path / "dpo", objective="dpo", max_steps=2)
+    for key in ("reward", "sampling"):
+        dpo.pop(key)
+    run_training(build_job_config(dpo), progress=False)
+    online = raw_job(tiny_model_dir, data["prompts"], tmp_path / "online")
+    online["data"]["test"] = str(data["test"])
+    config = tmp_path / "online.yaml"
+    config.write_text(yaml.safe_dump(online))
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert (
+        main(["eval", str(config), "--adapter", str(tmp_path / "dpo" / "adapter"), "--json", str(out)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "scored by its judges" in printed
+    result = json.loads(out.read_text())
+    assert result["objective"] == "dpo" and result["n"] == 4
+    assert result["reward"] > 0 and result["kl"] > 0  # the DPO adapter moved away from the base
+    lines = [
+        json.loads(line)
+        for line in Path(str(out).removesuffix(".json") + ".predictions.jsonl").read_text().splitlines()
+    ]
+    assert abs(sum(line["reward"] for line in lines) / len(lines) - result["reward"]) < 1e-9

@@ -94,13 +94,13 @@ def run(args: argparse.Namespace) -> int:
         read_adapter_config(args.adapter)  # an unreadable adapter_config.json, named
     task = load_task(args.adapter, default=job.task) if args.adapter else get_task(job.task)
     objective = getattr(task, "objective", None)  # the adapter's preference objective, if any
-    # a dpo / orpo / simpo / kto adapter on prompt/completion rows: measured by generation
-    task, note = evaluation_task(task, data_cfg, split)
     if args.config and job.objective in ONLINE_OBJECTIVES and objective not in ONLINE_OBJECTIVES:
         # An online job's config: its held-out prompts and judges measure any causal-LM adapter
         # (the offline pairs + DPO route against the online one) or the base model.
         task = get_task(job.task, job.objective, job.preference, job)
         note = "measured as the config's objective measures: answers to its prompts, scored by its judges"
+    else:  # a dpo / orpo / simpo / kto adapter on prompt/completion rows: measured by generation
+        task, note = evaluation_task(task, data_cfg, split)
     check_sources(data_cfg, (split,), task=task)  # before the model loads
     if task.labels is None:
         task.prepare(job.data)  # a classifier's label names: read from the training data as training did
