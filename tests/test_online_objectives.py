@@ -1044,3 +1044,33 @@ def test_eval_with_an_online_config_measures_an_offline_dpo_adapter(
         for line in Path(str(out).removesuffix(".json") + ".predictions.jsonl").read_text().splitlines()
     ]
     assert abs(sum(line["reward"] for line in lines) / len(lines) - result["reward"]) < 1e-9
+
+
+def test_each_prompt_runs_once_per_group_and_the_answers_do_not_change(tiny_model_dir, monkeypatch):
+    """sample_answers computes a prompt's KV cache once and repeats it for its answers
+    (shared_prompt_cache): the same answers as one prompt pass per answer, with a LoRA adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit import LoraConfig, get_peft_model
+    from peftkit.rlaif import sampling
+    from peftkit.rlaif.config import SamplingConfig
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in ROWS[:3]]
+    prompts[1] = prompts[1][:-2]  # rows of different lengths: left padding in the shared pass
+    cfg = SamplingConfig(num_generations=3, max_completion_length=6, batch_size=6)
+    passes = []
+    original = sampling.shared_prompt_cache
+    monkeypatch.setattr(
+        sampling, "shared_prompt_cache", lambda *a, **k: passes.append(len(a[2])) or original(*a, **k)
+    )
+    shared = sampling.sample_answers(model, tokenizer, prompts, cfg, seeds=[1, 2, 3])
+    assert passes == [2, 1]  # batches of whole groups: 2 prompts x 3 answers, then 1 x 3
+    monkeypatch.setattr(sampling, "_acts_per_position", lambda _model: False)
+    plain = sampling.sample_answers(model, tokenizer, prompts, cfg, seeds=[1, 2, 3])
+    assert [[a.ids for a in g] for g in shared] == [[a.ids for a in g] for g in plain]

@@ -100,14 +100,22 @@ def sample_answers(
     row_seeds = [] if greedy else [step_seed(seed, g) for seed in seeds for g in range(count)]
     eos = _eos_ids(model, tokenizer, None)
     # Longest first, in batches of cfg.batch_size (few pads); each batch's sampler gets its rows' seeds.
+    # The sort is stable: a prompt's answers stay together, and batches of whole groups keep them
+    # in one batch, whose prompt pass then runs once per prompt (shared_prompt_cache).
     order = sorted(range(len(repeated)), key=lambda i: len(repeated[i]), reverse=True)
     rows: list[list[int]] = [[] for _ in repeated]
-    for start in range(0, len(order), cfg.batch_size):
-        chunk = order[start : start + cfg.batch_size]
+    share = count > 1 and _acts_per_position(model)
+    size = max(count, cfg.batch_size // count * count) if share else cfg.batch_size
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
         options: dict[str, Any] = {}
         if not greedy:
             options["logits_processor"] = LogitsProcessorList(
                 [SeededSampler([row_seeds[i] for i in chunk], cfg)]
+            )
+        if share:
+            options[_cache_name(model)] = shared_prompt_cache(
+                model, tokenizer, [repeated[i] for i in chunk[::count]], count, autocast_dtype
             )
         found = generate_token_ids(
             model,
@@ -131,3 +139,45 @@ def sample_answers(
         for ids in rows
     ]
     return [answers[i * count : (i + 1) * count] for i in range(len(prompts))]
+
+
+def _acts_per_position(model: Any) -> bool:
+    """Whether the model's prompt pass may be cached and reused: a plain model, or a method that
+    acts per position (no virtual tokens or past key/values of its own: prefix tuning's would
+    clash with the cache)."""
+    from peftkit.methods.tuner_base import TunerBase
+
+    tuner = getattr(model, "base_model", None)
+    return not isinstance(tuner, TunerBase) or bool(tuner.supports_packing)
+
+
+def shared_prompt_cache(
+    model: Any, tokenizer: Any, prompts: list[list[int]], count: int, autocast_dtype: torch.dtype | None
+) -> Any:
+    """The KV cache of each prompt's tokens but its last, computed once per prompt and repeated
+    for its ``count`` answers (rows of a prompt consecutive, as ``generate`` gets them), so that
+    ``generate`` runs only the last prompt token and the answers. Rows are left-padded to the
+    longest prompt as generate_token_ids pads them, with positions from the mask as ``generate``
+    computes them."""
+    from peftkit.evaluation import _inference, _pad, _pad_id
+
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer, None)
+    input_ids = _pad(prompts, pad, left=True).to(device)[:, :-1]
+    mask = _pad([[1] * len(p) for p in prompts], 0, left=True).to(device)[:, :-1]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with _inference(model, device, autocast_dtype):
+        out = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+    cache = out[_cache_name(model)]
+    cache.batch_repeat_interleave(count)
+    return cache
+
+
+def _cache_name(model: Any) -> str:
+    """``cache`` (transformers >= 5.25) or ``past_key_values``: see peftkit.transformers_compat."""
+    from peftkit.transformers_compat import CACHE_KEYWORDS, cache_keyword
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return cache_keyword(inner) or CACHE_KEYWORDS[-1]
