@@ -1074,3 +1074,31 @@ def test_each_prompt_runs_once_per_group_and_the_answers_do_not_change(tiny_mode
     monkeypatch.setattr(sampling, "_acts_per_position", lambda _model: False)
     plain = sampling.sample_answers(model, tokenizer, prompts, cfg, seeds=[1, 2, 3])
     assert [[a.ids for a in g] for g in shared] == [[a.ids for a in g] for g in plain]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_grpo_with_the_shared_prefix_equals_without(
+    tiny_model_dir, data, rewards, tmp_path, monkeypatch, beta
+):
+    """training.shared_prefix: the chat template's tokens that every answer row of a micro-batch
+    starts with run once (train/shared_prefix.py), in the policy's pass; the same losses, metrics
+    and adapter as running every row whole (fp32, 1e-5), and the one-row path was really taken."""
+    from peftkit.train.shared_prefix import SharedPrefix
+
+    taken = []
+    original = SharedPrefix.hidden_and_targets
+
+    def counting(self, body, batch):
+        found = original(self, body, batch)
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(SharedPrefix, "hidden_and_targets", counting)
+    runs = {}
+    for shared in (True, False):
+        raw = raw_job(tiny_model_dir, data["prompts"], tmp_path / str(shared), preference={"beta": beta})
+        raw["training"]["shared_prefix"] = shared
+        runs[shared] = train(raw)
+    assert taken and all(taken)  # only the shared run asks, and every step used it
+    assert_same_steps(runs[True][0], runs[False][0], tol=1e-5)
+    assert_close_adapters(runs[True][1], runs[False][1], atol=1e-5)

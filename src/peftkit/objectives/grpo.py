@@ -48,9 +48,16 @@ class ScoredAnswer:
 class GRPOTask(OnlineTask):
     objective = "grpo"
 
+    shared_prefix: Any = None  # the loop's SharedPrefix where training.shared_prefix applies
+
     @property
     def uses_reference(self) -> bool:
         return self.beta > 0
+
+    def use_shared_prefix(self, shared_prefix: Any) -> None:
+        """The tokens all of a micro-batch's answers start with (the chat template's system turn,
+        a fixed instruction) run once per micro-batch in the policy's pass (train/shared_prefix.py)."""
+        self.shared_prefix = shared_prefix
 
     def whole_step(self, samples: StepSamples, counts: list[bool], world: Any) -> None:
         """Advantages over the whole step, so micro-batch boundaries cannot change them; with
@@ -103,7 +110,7 @@ class GRPOTask(OnlineTask):
     def loss_sum(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         # The reference pass first: its weights must not change under the policy's backward.
         ref = self.reference.token_logps(model, batch) if self.uses_reference else None
-        logps, rows = completion_token_logps(model, batch)
+        logps, rows = completion_token_logps(model, batch, self.shared_prefix)
         p = self.preference
         result = grpo_token_loss(
             logps,

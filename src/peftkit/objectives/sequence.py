@@ -68,11 +68,20 @@ def _row_logps(
 
 
 def completion_token_logps(
-    model: nn.Module, batch: dict[str, torch.Tensor]
+    model: nn.Module, batch: dict[str, torch.Tensor], shared_prefix: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per label token, flat over the batch (row by row, left to right): its log-probability
-    (fp32) and its row. No padding: GRPO's per-token loss works on these vectors."""
-    return _token_logps(model, batch, body_and_head(model))
+    (fp32) and its row. No padding: GRPO's per-token loss works on these vectors. With
+    ``shared_prefix`` (train/shared_prefix.py) the tokens every row starts with (the chat
+    template's system turn ...) run once; its outputs come in the same order."""
+    parts = body_and_head(model)
+    if shared_prefix is not None and parts is not None:
+        found = shared_prefix.hidden_and_targets(parts[0], batch)
+        if found is not None:
+            selected, targets = found
+            rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
+            return _picked(parts[1], selected, targets), rows
+    return _token_logps(model, batch, parts)
 
 
 def _token_logps(
