@@ -228,6 +228,17 @@ def score_adapters(
 
 # -- report ----------------------------------------------------------------------------------------------
 
+RATIO_KEYS = ("tokens_per_s", "peak_rss_mb", "train_peak_rss_mb", "step_time_s")
+
+
+def round_ratios(r: dict[str, Any]) -> dict[str, float]:
+    """peftkit / TRL in one round, as the round's ``ratio_<key>`` entries."""
+    out = {}
+    for key in RATIO_KEYS:
+        if r["trl"].get(key) and r["peftkit"].get(key) is not None:
+            out[f"ratio_{key}"] = r["peftkit"][key] / r["trl"][key]
+    return out
+
 
 def median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
@@ -282,18 +293,25 @@ def table(results: dict[str, Any]) -> str:
         trl, pk = fmt(s["trl"].get(key), spec), fmt(s["peftkit"].get(key), spec)
         lines.append(f"| {label} | {trl} | {pk} | {ratio} |")
     st = results["settings"]
-    bar = results["summary"]["bar"]
-    lines.append("")
-    lines.append(
-        f"{st['rounds']} round(s) x {st['steps']} steps (step 1 untimed), batch {st['batch_size']} pairs, "
-        f"{st['precision']}, {st['threads']} thread(s) each, lr {st['learning_rate']}, beta {st['beta']}, "
-        f"max_seq_len {st['max_seq_len']}, {st['heldout_pairs']} held-out pairs; attention TRL "
-        f"{results['rounds'][0]['trl']['attention']} / peftkit {results['rounds'][0]['peftkit']['attention']}; "
-        f"load average {st['loadavg_start'][0]:.2f} at start, {st['loadavg_end'][0]:.2f} at end"
+    own = (
+        f"batch {st['batch_size']} pairs, {st['precision']}, {st['threads']} thread(s) each, "
+        f"lr {st['learning_rate']}, beta {st['beta']}, max_seq_len {st['max_seq_len']}, "
+        f"{st['heldout_pairs']} held-out pairs"
     )
-    lines.append(
-        f"bar (>= {BAR['tokens_per_s']}x tokens/s, <= {BAR['peak_rss_mb']}x peak RSS, accuracy >= TRL's): "
-        + ("met" if bar["met"] else "NOT met")
-        + f" ({', '.join(f'{k}: {v}' for k, v in bar.items() if k != 'met')})"
-    )
-    return "\n".join(lines)
+    rule = f">= {BAR['tokens_per_s']}x tokens/s, <= {BAR['peak_rss_mb']}x peak RSS, accuracy >= TRL's"
+    return "\n".join([*lines, *footer_lines(results, own, rule)])
+
+
+def footer_lines(results: dict[str, Any], own_settings: str, rule: str, more: str = "") -> list[str]:
+    """Under a side-by-side table: a blank line; the rounds and steps, ``own_settings`` (the
+    benchmark's own, as text), each framework's attention kernel (then ``more``) and the load
+    average at start and end; last, what the bar asks (``rule``), whether it is met, and each check."""
+    st, first, bar = results["settings"], results["rounds"][0], results["summary"]["bar"]
+    checks = ", ".join(f"{k}: {v}" for k, v in bar.items() if k != "met")
+    return [
+        "",
+        f"{st['rounds']} round(s) x {st['steps']} steps (step 1 untimed), {own_settings}; attention TRL "
+        f"{first['trl']['attention']} / peftkit {first['peftkit']['attention']}{more}; load average "
+        f"{st['loadavg_start'][0]:.2f} at start, {st['loadavg_end'][0]:.2f} at end",
+        f"bar ({rule}): " + ("met" if bar["met"] else "NOT met") + f" ({checks})",
+    ]

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 # Helpers next to this script (benchmarks/ is on sys.path when it runs).
+from side_by_side import with_peftkit_schedule
 from train_measures import heldout_loss, matmul_peak, param_counts, peak_rss_mb, timing_summary
 from turns import Turn, run_in_turns
 
@@ -206,7 +207,6 @@ def worker_a(args: argparse.Namespace, same_batches: bool = False) -> dict[str, 
 
     from peftkit.models import bf16_supported, resolve_model_dir
     from peftkit.train.batching import collate
-    from peftkit.train.schedule import lr_multiplier, warmup_steps
 
     work = Path(args.workdir)
     name = "a_same" if same_batches else "a"
@@ -270,24 +270,6 @@ def worker_a(args: argparse.Namespace, same_batches: bool = False) -> dict[str, 
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    class SameSchedule(Trainer):
-        """peftkit's warm-up + cosine (HF's warm-up starts at lr 0, peftkit's at peak / warmup)."""
-
-        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-            if self.lr_scheduler is None:
-                warm = warmup_steps(t, num_training_steps)
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer or self.optimizer,
-                    lambda s: lr_multiplier(
-                        s,
-                        total=num_training_steps,
-                        warmup=warm,
-                        kind=t.lr_scheduler,
-                        min_ratio=t.min_lr_ratio,
-                    ),
-                )
-            return self.lr_scheduler
-
     use_bf16 = t.precision != "fp32" and bf16_supported("cpu")
     targs = TrainingArguments(
         output_dir=str(work / name),
@@ -312,7 +294,7 @@ def worker_a(args: argparse.Namespace, same_batches: bool = False) -> dict[str, 
         disable_tqdm=True,
         use_cpu=True,
     )
-    trainer = SameSchedule(
+    trainer = with_peftkit_schedule(Trainer, t)(  # peftkit's warm-up and schedule, as (b)
         model=model,
         args=targs,
         train_dataset=Examples(),

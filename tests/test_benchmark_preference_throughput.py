@@ -12,16 +12,30 @@ from pathlib import Path
 from conftest import load_benchmark
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPT = BENCHMARKS / "preference_throughput.py"
 
 
-def test_tiny_benchmark_runs_both_frameworks_on_the_same_batches(tmp_path):
+def run_one_round(script: str, options: str, tmp_path: Path, bar: set[str], heading: str) -> dict:
+    """benchmarks/``script`` with ``options`` and --rounds 1, in its own process; its results, once
+    the parts every side-by-side benchmark has are checked: one round (TRL moving first), both
+    frameworks summarised, the checks of the ``bar`` (and whether it is met), and the table (its
+    ``heading``) with the load average printed."""
     out = tmp_path / "out.json"
-    argv = [*"--tiny --steps 3 --rounds 1 --batch-size 4 --heldout 12 --out".split(), str(out)]
-    done = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True)
+    argv = [*options.split(), "--rounds", "1", "--out", str(out)]
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *argv], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert len(results["rounds"]) == 1 and results["rounds"][0]["first"] == "trl"
+    assert set(results["summary"]["frameworks"]) == {"trl", "peftkit"}
+    assert set(results["summary"]["bar"]) == {*bar, "met"}
+    assert heading in done.stdout and "load average" in done.stdout
+    return results
+
+
+def test_tiny_benchmark_runs_both_frameworks_on_the_same_batches(tmp_path):
+    options = "--tiny --steps 3 --batch-size 4 --heldout 12"
+    bar = {"tokens_per_s_at_least_2x", "peak_rss_at_most_0.7x", "accuracy_equal_or_better"}
+    heading = "| tokens/s (chosen + rejected, non-pad) |"
+    results = run_one_round("preference_throughput.py", options, tmp_path, bar, heading)
     for r in results["rounds"]:
         trl, pk = r["trl"], r["peftkit"]
         # the very same batches: same hashes, so the same tokens per step
@@ -45,15 +59,6 @@ def test_tiny_benchmark_runs_both_frameworks_on_the_same_batches(tmp_path):
         abs(score["trl"]["mean_margin"] - score["peftkit"]["mean_margin"])
         < 0.5 * abs(score["peftkit"]["mean_margin"]) + 1e-3
     )
-    summary = results["summary"]
-    assert set(summary["frameworks"]) == {"trl", "peftkit"}
-    assert set(summary["bar"]) == {
-        "tokens_per_s_at_least_2x",
-        "peak_rss_at_most_0.7x",
-        "accuracy_equal_or_better",
-        "met",
-    }
-    assert "| tokens/s (chosen + rejected, non-pad) |" in done.stdout and "load average" in done.stdout
 
 
 def test_pairs_are_disjoint_and_rejected_is_wrong():
