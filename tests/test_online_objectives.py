@@ -547,6 +547,7 @@ def test_logged_metrics_are_those_of_the_sampled_answers(
             "reward": mean(r for group in rewards for r in group),
             "rewards/length/mean": mean(r for group in rewards for r in group),
             "reward_std": mean(stds),
+            "rewards/length/std": mean(stds),  # the only judge: its groups' stds are the reward's
             "frac_reward_zero_std": mean(s == 0 for s in stds),
             "completion_length": mean(len(a.ids) for a in answers),
             "completions/truncated": mean(not a.finished for a in answers),

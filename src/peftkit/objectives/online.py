@@ -295,6 +295,12 @@ class OnlineTask(PreferenceTask):
             values = [v for group in groups for v in group if v is not None]
             if values:
                 self.keep_metrics({f"rewards/{name}/mean": sum(values) / len(values)}, len(values))
+            # As reward_std: the mean of the groups' stds, which processes and micro-batches cannot
+            # change (TRL's per-judge std is over its whole batch).
+            spreads = [_std([v for v in group if v is not None]) for group in groups]
+            spreads = [x for x in spreads if x is not None]
+            if spreads:
+                self.keep_metrics({f"rewards/{name}/std": sum(spreads) / len(spreads)}, len(spreads))
 
     # -- held-out evaluation -----------------------------------------------------------------------
     def validation(
