@@ -68,19 +68,20 @@ def _mean(values: list[float]) -> float:
 
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory) -> str:
-    """The sentiment judge of the tweet examples, trained briefly: 30 steps of 32 tweets."""
+    """The sentiment judge of the tweet examples as its example saves it (a MiniLM SEQ_CLS adapter
+    with its labels), trained for 3 steps only: these tests check the judge's wiring, and how well
+    the classifier learns is tests/test_minilm_example.py's."""
     tmp_path = tmp_path_factory.mktemp("judge")
     config = _config(
         "minilm-sentiment-lora.yaml",
         tmp_path,
-        {"test_size": 200, "max_train_examples": 960},
-        max_steps=30,
-        warmup_steps=3,
+        {"test_size": 32, "max_train_examples": 96},
+        max_steps=3,
+        warmup_steps=1,
     )
     config["training"].pop("epochs", None)
     config["training"].pop("warmup_ratio", None)
-    _, results = _train(config, tmp_path, "judge")
-    assert results["after"]["accuracy"] > 0.55, results["after"]  # well above the 0.45 majority
+    _train(config, tmp_path, "judge")
     return str(Path(config["output_dir"]) / "adapter")
 
 
