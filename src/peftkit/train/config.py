@@ -43,6 +43,7 @@ from peftkit.objectives.config import (
 from peftkit.quantization import QuantizationConfig
 from peftkit.rlaif.config import RewardConfig, SamplingConfig
 from peftkit.train.evaluation_config import EvaluationConfig
+from peftkit.train.method_fit import fsdp_problems, methods_with, packing_problems
 from peftkit.train.reporting import LoggingConfig, reporter_problems
 from peftkit.train.tokens import TokensConfig
 from peftkit.train.yaml_file import apply_overrides, read_yaml
@@ -419,7 +420,7 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
             )
     if job is not None and job.quantization is not None and spec is not None:
         if not getattr(spec.model_cls, "supports_quantized_base", False):
-            able = _methods_with("supports_quantized_base", methods)
+            able = methods_with("supports_quantized_base", methods)
             problems.append(
                 f"'quantization' is set but method {method!r} cannot train on a quantized base model "
                 f"(its layers need full-precision weights): use one of {', '.join(able) or 'none'}, "
@@ -435,57 +436,14 @@ def build_job_config(raw: dict[str, Any], *, source: str | None = None) -> Train
             "directory such as runs/my-run (or '.' to mean the current directory)"
         )
     if job is not None and job.training.packing:
-        problems.extend(_packing_problems(job, method, spec, methods))
+        problems.extend(packing_problems(job, method, spec, methods))
     if job is not None and job.distributed == "fsdp":
-        problems.extend(_fsdp_problems(job, method, spec, methods))
+        problems.extend(fsdp_problems(job, method, spec, methods))
     if problems:
         raise ConfigError(problems, source)
     assert job is not None
     job.method_config = method_config
     return job
-
-
-def _methods_with(capability: str, methods: list[str]) -> list[str]:
-    """The methods whose model class declares ``capability`` (a ``TunerBase`` class flag)."""
-    from peftkit.methods import get_method
-
-    return [n for n in methods if getattr(get_method(n).model_cls, capability, False)]
-
-
-def _packing_problems(job: TrainJobConfig, method: str, spec: Any, methods: list[str]) -> list[str]:
-    from peftkit.tasks import get_task
-
-    problems = []
-    if not get_task(job.task).supports_packing:
-        problems.append(
-            f"'training.packing' is true but task {job.task.value} has no packed form (packing joins "
-            "causal-LM examples): set training.packing: false"
-        )
-    if spec is not None and not getattr(spec.model_cls, "supports_packing", False):
-        able = _methods_with("supports_packing", methods)
-        problems.append(
-            f"'training.packing' is true but method {method!r} adds virtual tokens or past key/values to "
-            f"each row, which packed examples would share: set training.packing: false, or use one of "
-            f"{', '.join(able)}"
-        )
-    return problems
-
-
-def _fsdp_problems(job: TrainJobConfig, method: str, spec: Any, methods: list[str]) -> list[str]:
-    problems = []
-    if job.quantization is not None:
-        problems.append(
-            "'distributed' is fsdp but 'quantization' is set: FSDP cannot shard bitsandbytes' packed "
-            "weights; set distributed: ddp (QLoRA trains data-parallel with a whole copy per process)"
-        )
-    if spec is not None and not getattr(spec.model_cls, "supports_fsdp", False):
-        able = _methods_with("supports_fsdp", methods)
-        problems.append(
-            f"'distributed' is fsdp but method {method!r} is not supported with sharded parameters "
-            f"(its training hooks need whole tensors or virtual tokens): set distributed: ddp, or use one "
-            f"of {', '.join(able)}"
-        )
-    return problems
 
 
 def _normalise_task(raw: dict[str, Any]) -> list[str]:
