@@ -86,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def tweet_prompts(tokenizer: Any, n: int) -> list[list[int]]:
     """The first ``n`` tweets of the builtin, as `peftkit generate --prompt TWEET` encodes them."""
-    from peftkit.cli._model_args import encode_chat, encode_plain, has_chat_template
     from peftkit.data.builtin import get_builtin
+    from peftkit.loading import encode_chat, encode_plain, has_chat_template
 
     path = get_builtin("builtin:tweet-sentiment").locate()
     with open(path, encoding="utf-8", errors="replace", newline="") as f:

@@ -315,7 +315,7 @@ def test_adapters_with_different_added_tokens_are_refused(
 
 def test_chat_switches_adapters_and_keeps_history(peftkit_cli, capsys, tiny_model_dir, adapters, monkeypatch):
     import peftkit.cli.chat as chat
-    from peftkit.cli._model_args import encode_chat
+    from peftkit.loading import encode_chat
 
     conversations = []
 
@@ -347,7 +347,7 @@ def test_chat_switches_adapters_and_keeps_history(peftkit_cli, capsys, tiny_mode
 
     # each reply equals a generate run of that conversation with only that adapter
     def reference(messages, adapter):  # a fresh model with only that adapter (any one for __base__)
-        from peftkit.cli._adapters import using_adapter
+        from peftkit.adapter_sets import using_adapter
         from peftkit.evaluation import generate_completions
 
         name = "lora_a" if adapter == "__base__" else adapter

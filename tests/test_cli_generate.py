@@ -10,8 +10,8 @@ import pytest
 import peftkit
 from conftest import make_tiny_llama
 from peftkit.cli import main as cli_main
-from peftkit.cli._model_args import encode_chat, encode_plain
 from peftkit.evaluation import generate_completions
+from peftkit.loading import encode_chat, encode_plain
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -341,7 +341,7 @@ def test_training_with_new_tokens_reloads_with_the_same_logits(train, tiny_model
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.cli._model_args import load_model_from_args
+    from peftkit.loading import load_model_from_args
     from peftkit.train.loop import setup
     from peftkit.train.loop import train as run
 

@@ -89,7 +89,7 @@ def load_adapter_with_base(
     adapter's ``task_type`` (or, without one, its ``auto_mapping`` class). A classification head
     gets as many labels as the adapter's trained copy of it has, unless ``num_labels`` is given.
     """
-    from peftkit.cli._model_args import read_adapter_config
+    from peftkit.loading import read_adapter_config
     from peftkit.models import TASKS, load_model_and_tokenizer
     from peftkit.serialization import resolve_adapter_dir
 
@@ -287,7 +287,7 @@ class _AutoPeftModelBase:
 
     @classmethod
     def _check_task_type(cls, adapter_dir: str | os.PathLike) -> None:
-        from peftkit.cli._model_args import read_adapter_config
+        from peftkit.loading import read_adapter_config
         from peftkit.serialization import resolve_adapter_dir
 
         wanted = _task_type(cls._task)

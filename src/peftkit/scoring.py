@@ -211,7 +211,7 @@ def load_reward_model(
 ) -> RewardScorer:
     """The reward model in ``adapter_dir`` on its base model, loaded as ``peftkit eval`` loads models
     (``precision`` None: auto, bf16 where the device computes it natively)."""
-    from peftkit.cli._model_args import load_model_from_args
+    from peftkit.loading import load_model_from_args
 
     task = check_reward_model(adapter_dir)
     args = argparse.Namespace(

@@ -16,22 +16,17 @@ import argparse
 import sys
 from typing import Any
 
-from peftkit.cli._adapters import (
+from peftkit.adapter_sets import (
     BASE,
     adapter_specs,
     check_adapter_name,
     load_model_with_adapters,
     using_adapter,
 )
-from peftkit.cli._model_args import (
-    add_model_arguments,
-    add_sampling_arguments,
-    encode_chat,
-    has_chat_template,
-    sampling_kwargs,
-)
+from peftkit.cli._model_args import add_model_arguments, add_sampling_arguments, sampling_kwargs
 from peftkit.configuration import ConfigError
 from peftkit.errors import ModelLoadError
+from peftkit.loading import encode_chat, has_chat_template
 
 HELP = (
     "Chat with a model (and optional adapters) interactively; /reset clears history, /adapter [NAME] "

@@ -14,8 +14,9 @@ import argparse
 import math
 from pathlib import Path
 
-from peftkit.cli._model_args import adapter_base_model, check_out_dir, read_adapter_config
+from peftkit.cli._model_args import check_out_dir
 from peftkit.errors import PeftkitError
+from peftkit.loading import adapter_base_model, read_adapter_config
 from peftkit.methods.lora.weighted import COMBINATION_TYPES
 
 HELP = "Combine LoRA adapters of one base model into a new adapter (PEFT's add_weighted_adapter)."

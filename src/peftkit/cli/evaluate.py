@@ -47,10 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from peftkit.cli._model_args import load_model_from_args, read_adapter_config
     from peftkit.configuration import ConfigError
     from peftkit.data import check_sources, count_rows, load_split
     from peftkit.io import write_json
+    from peftkit.loading import load_model_from_args, read_adapter_config
     from peftkit.objectives.config import ONLINE_OBJECTIVES
     from peftkit.objectives.evaluation import evaluation_task
     from peftkit.preflight import device_problem, writable_file_problem

@@ -2,7 +2,7 @@
 
 With several ``--adapter NAME=DIR``, each prompt of a ``.jsonl`` ``--prompts-file`` may pick its
 adapter (``{"prompt": ..., "adapter": "NAME"}``; ``"__base__"`` or null: no adapter); the others
-use ``--use-adapter`` (default: the first adapter). See ``cli/_adapters.py`` for how mixed
+use ``--use-adapter`` (default: the first adapter). See ``adapter_sets.py`` for how mixed
 prompts are batched.
 """
 
@@ -14,23 +14,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftkit.cli._adapters import (
+from peftkit.adapter_sets import (
     BASE,
     adapter_specs,
     check_adapter_name,
     generate_for_adapters,
     load_model_with_adapters,
 )
-from peftkit.cli._model_args import (
-    add_model_arguments,
-    add_sampling_arguments,
-    encode_chat,
-    encode_plain,
-    has_chat_template,
-    sampling_kwargs,
-)
+from peftkit.cli._model_args import add_model_arguments, add_sampling_arguments, sampling_kwargs
 from peftkit.configuration import ConfigError
 from peftkit.errors import not_utf8_message
+from peftkit.loading import encode_chat, encode_plain, has_chat_template
 
 HELP = "Generate completions for prompts with a base model and optional adapters (one per prompt if wanted)."
 _DEFAULT = object()  # a prompt that names no adapter: --use-adapter's

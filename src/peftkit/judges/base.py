@@ -244,7 +244,7 @@ def precision_name(autocast_dtype: Any) -> str:
 def load_args(
     *, base_model: str | None, adapter: str | None, device: str, precision: str, threads: int | None
 ) -> argparse.Namespace:
-    """The options :func:`peftkit.cli._model_args.load_model_from_args` reads (no remote code)."""
+    """The options :func:`peftkit.loading.load_model_from_args` reads (no remote code)."""
     return argparse.Namespace(
         base_model=base_model,
         adapter=adapter,

@@ -118,7 +118,7 @@ class LLMJudge(Judge):
         return render(self.template, **values)
 
     def encode(self, text: str) -> list[int]:
-        from peftkit.cli._model_args import encode_chat, encode_plain, has_chat_template
+        from peftkit.loading import encode_chat, encode_plain, has_chat_template
 
         if has_chat_template(self.tokenizer):
             return encode_chat(self.tokenizer, [{"role": "user", "content": text}])
@@ -187,7 +187,7 @@ def load_llm_judge(
 
     ``cfg.model`` is the base model; with an adapter and ``model`` left at its default, the
     adapter's recorded base model is used instead."""
-    from peftkit.cli._model_args import adapter_base_model, load_model_from_args
+    from peftkit.loading import adapter_base_model, load_model_from_args
 
     problems = cfg.validate()
     if problems:
@@ -207,7 +207,7 @@ def load_llm_judge(
 
 
 def _check_adapter(adapter: str) -> None:
-    from peftkit.cli._model_args import read_adapter_config
+    from peftkit.loading import read_adapter_config
     from peftkit.tasks import load_task
 
     if not Path(adapter).is_dir():

@@ -232,7 +232,7 @@ def load_model_judge(
     batch_size: int = 16,
 ) -> Judge:
     """The judge for one ``reward.models`` entry; labels are checked before the model loads."""
-    from peftkit.cli._model_args import load_model_from_args
+    from peftkit.loading import load_model_from_args
 
     if isinstance(spec, str):
         spec = RewardModelSpec(path=spec)

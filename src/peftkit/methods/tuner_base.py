@@ -153,3 +153,12 @@ class TunerBase(nn.Module):
         """The inverse of :meth:`to_saved_tensors`: a file's tensors under the saved names that
         ``adapter_state_keys`` gives (before loading). Default: unchanged."""
         return tensors
+
+
+def acts_per_position(model: Any) -> bool:
+    """Whether ``model`` (a plain model or a ``PeftModel``) computes each position from the tokens
+    and the KV cache alone, so that a prompt's cache may be computed once and extended or shared:
+    a plain model, or a method with ``supports_packing`` (no virtual tokens or past key/values of
+    its own, which would clash with the cache)."""
+    tuner = getattr(model, "base_model", None)
+    return not isinstance(tuner, TunerBase) or bool(tuner.supports_packing)

@@ -220,10 +220,10 @@ def label_pairs(
     _warn_ignored(job, adapter, say)
 
     # Judges first: a bad reward function is refused before the model loads.
-    from peftkit.cli._model_args import load_model_from_args
     from peftkit.data import build_datasets, check_sources
     from peftkit.judges import build_judges
     from peftkit.judges.functions import FunctionJudge
+    from peftkit.loading import load_model_from_args
     from peftkit.models import resolve_device
     from peftkit.objectives import objective_task
     from peftkit.precision import resolve_autocast

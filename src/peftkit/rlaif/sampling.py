@@ -142,13 +142,10 @@ def sample_answers(
 
 
 def _acts_per_position(model: Any) -> bool:
-    """Whether the model's prompt pass may be cached and reused: a plain model, or a method that
-    acts per position (no virtual tokens or past key/values of its own: prefix tuning's would
-    clash with the cache)."""
-    from peftkit.methods.tuner_base import TunerBase
+    """Whether the model's prompt pass may be cached and reused (see ``acts_per_position``)."""
+    from peftkit.methods.tuner_base import acts_per_position
 
-    tuner = getattr(model, "base_model", None)
-    return not isinstance(tuner, TunerBase) or bool(tuner.supports_packing)
+    return acts_per_position(model)
 
 
 def shared_prompt_cache(

@@ -176,12 +176,7 @@ def check_vocabularies_agree(specs: list[tuple[str, str]], base: str, trust_remo
 def load_model_with_adapters(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
     """``(model, tokenizer, adapter names)``: the base with every ``--adapter`` loaded under its
     name (the first one active), in eval mode on ``--device``. No adapters: the base model."""
-    from peftkit.cli._model_args import (
-        check_threads,
-        load_model_from_args,
-        read_adapter_config,
-        ready_for_inference,
-    )
+    from peftkit.loading import check_threads, load_model_from_args, read_adapter_config, ready_for_inference
     from peftkit.models import default_attention, load_model_and_tokenizer, resolve_device
 
     resolve_device(args.device, "--device")  # a device this machine lacks: refused before loading
