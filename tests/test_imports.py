@@ -59,3 +59,18 @@ def test_every_module_and_public_name_imports_first():
     assert report["failures"] == {}
     assert report["modules"] > 50 and report["public"] > 30
     assert len(report["methods"]) == 1  # the same registry whichever import came first
+
+
+def test_library_code_never_imports_the_cli():
+    """Commands are thin files over library functions; the library must work without them."""
+    from pathlib import Path
+
+    import peftkit
+
+    root = Path(peftkit.__file__).parent
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if path.parent != root / "cli" and path.name != "__main__.py" and "peftkit.cli" in path.read_text()
+    ]
+    assert offenders == []
