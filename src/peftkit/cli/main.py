@@ -19,6 +19,7 @@ COMMANDS = {
     "merge": "peftkit.cli.merge",
     "score": "peftkit.cli.score",
     "label-pairs": "peftkit.cli.label_pairs",
+    "serve": "peftkit.cli.serve",
 }
 
 
