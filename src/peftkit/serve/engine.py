@@ -96,7 +96,9 @@ class Engine:
         self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._rows: list[Sequence] = []
         self._batch: BatchCache | None = None
-        self._active: str | None = None  # the adapter set on the model (None: unknown)
+        self._active: str | None = None  # the adapter (or BASE) set on the model; None: not known
+        self._row_layers: list[Any] | None = None  # LoRA layers that split a batch by row
+        self._mixable: dict[frozenset[str], bool] = {}
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="peftkit-serve-engine", daemon=True)
@@ -146,6 +148,8 @@ class Engine:
         """After loading or deleting an adapter (engine thread): the model to call from now on."""
         self.model = model
         self._active = None
+        self._row_layers = None
+        self._mixable = {}
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -217,51 +221,52 @@ class Engine:
         cache,
     ) -> torch.Tensor:
         """The next-token logits ``(rows, vocab)`` in fp32, each row through its own adapter."""
-        names = [s.adapter for s in rows]
-        kwargs: dict[str, Any] = {self._cache_keyword: cache}
-        with self._adapters(names, kwargs):
+        with self._route([s.adapter for s in rows]):
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=True,
                 logits_to_keep=1,
-                **kwargs,
+                **{self._cache_keyword: cache},
             )
         return out.logits[:, -1].float()
 
-    @contextlib.contextmanager
-    def _adapters(self, names: list[str], kwargs: dict[str, Any]):
-        """Route each row to its adapter: one adapter for all rows is set on the model (kept set
-        for the next step); mixed rows go as ``adapter_names``."""
+    def _route(self, names: list[str]) -> contextlib.AbstractContextManager:
+        """Send each row to its adapter. Rows of one adapter (or all base rows): that adapter is set
+        on the model and stays set while the next steps need it (switching walks every adapter
+        layer: ~25 ms on SmolLM2, more than a step's arithmetic at batch 1). Rows of several LoRA
+        adapters: each layer splits the batch by row (``methods/lora/mixed_batch.py``) for the
+        call, with the list of those layers kept between steps (finding them is another walk)."""
         if not hasattr(self.model, "peft_config"):
-            yield
-            return
+            return contextlib.nullcontext()
         distinct = set(names)
-        if len(distinct) > 1 or distinct == {BASE}:
-            if len(distinct) > 1 or self._mixes():
-                kwargs["adapter_names"] = names
-                yield
-                return
-            with self.model.disable_adapter():
-                yield
-            return
-        (name,) = distinct
-        if self._active != name or self.model.active_adapter != name:
-            self.model.set_adapter(name)
-            self._active = name
-        yield
+        if len(distinct) > 1:
+            from peftkit.methods.lora.mixed_batch import mixed_batch, row_adapter_layers
 
-    def _mixes(self) -> bool:
-        tuner = getattr(self.model, "base_model", None)
-        return bool(getattr(tuner, "supports_mixed_batches", False))
+            inner = self.model.base_model.model
+            if self._row_layers is None:
+                self._row_layers = row_adapter_layers(inner)
+            return mixed_batch(inner, names, expandable=False, layers=self._row_layers)
+        (name,) = distinct
+        if self._active != name:
+            # The tuner's set_adapter only routes (PeftModel's would also make the weights trainable).
+            self.model.base_model.set_adapter(None if name == BASE else name)
+            self._active = name
+        return contextlib.nullcontext()
 
     def _can_share(self, rows: list[Sequence], adapter: str) -> bool:
-        names = {s.adapter for s in rows} | {adapter}
+        """Whether ``adapter``'s rows may join ``rows`` in one batch (the method's verdict, kept per
+        set of adapters until the model changes)."""
+        names = frozenset({s.adapter for s in rows} | {adapter})
         if len(names) == 1:
             return True
-        tuner = getattr(self.model, "base_model", None)
-        return hasattr(tuner, "can_mix_in_one_batch") and tuner.can_mix_in_one_batch(sorted(names))
+        if names not in self._mixable:
+            tuner = getattr(self.model, "base_model", None)
+            self._mixable[names] = hasattr(tuner, "can_mix_in_one_batch") and tuner.can_mix_in_one_batch(
+                sorted(names)
+            )
+        return self._mixable[names]
 
     def _push(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         tokens = _next_tokens(rows, logits)

@@ -99,11 +99,20 @@ def validate_adapter_names(model: Any, adapter_names: Any, args: tuple, kwargs: 
     return list(adapter_names)
 
 
+def row_adapter_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` that can split a batch by row adapter (a walk over every module:
+    callers that run many batches on an unchanged model may keep the list)."""
+    return [m for m in model.modules() if isinstance(m, AdapterModule) and hasattr(m, "row_adapters")]
+
+
 @contextmanager
-def mixed_batch(model: nn.Module, names: list[str], expandable: bool) -> Iterator[None]:
-    """Make every layer of ``model`` that can split its batch use ``names`` row by row inside the block."""
+def mixed_batch(
+    model: nn.Module, names: list[str], expandable: bool, layers: list[nn.Module] | None = None
+) -> Iterator[None]:
+    """Make every layer of ``model`` that can split its batch use ``names`` row by row inside the
+    block; ``layers``: ``row_adapter_layers(model)`` if the caller kept it."""
     rows = RowAdapters(names, expandable)
-    layers = [m for m in model.modules() if isinstance(m, AdapterModule) and hasattr(m, "row_adapters")]
+    layers = row_adapter_layers(model) if layers is None else layers
     try:
         for layer in layers:
             layer.row_adapters = rows
