@@ -201,6 +201,12 @@ class Engine:
         else:
             self._batch.join(joined)
         self._rows.extend(joining)
+        # Rows of one adapter kept next to each other: each LoRA layer then takes them as a slice
+        # (a view) instead of gathering and scattering them at every step.
+        order = sorted(range(len(self._rows)), key=lambda i: self._rows[i].adapter)
+        if order != list(range(len(self._rows))):
+            self._rows = [self._rows[i] for i in order]
+            self._batch.keep(order)
         self.stats.max_rows = max(self.stats.max_rows, len(self._rows))
 
     def _decode_step(self) -> None:

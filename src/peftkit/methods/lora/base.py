@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from peftkit.methods.layers import WrappedLayer
-from peftkit.methods.modules_to_save import BASE
 
 if TYPE_CHECKING:
     from peftkit.methods.lora.mixed_batch import RowAdapters
@@ -60,13 +59,10 @@ class LoraLayerBase(WrappedLayer):
 
     def mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Each row of the batch with its own adapter (``__base__``, or one this layer lacks: none)."""
-        names = self.row_adapters.for_batch(len(x))
         output = result.clone()
-        for adapter in dict.fromkeys(names):
-            if adapter == BASE or not self.has_adapter(adapter):
-                continue
-            rows = torch.tensor([i for i, name in enumerate(names) if name == adapter], device=x.device)
-            output[rows] = self.adapter_output(x[rows], result[rows], adapter)
+        for adapter, rows in self.row_adapters.groups(len(x), x.device):
+            if self.has_adapter(adapter):
+                output[rows] = self.adapter_output(x[rows], result[rows], adapter)
         return output
 
     def adapter_note(self, adapter_name: str) -> str:

@@ -39,6 +39,26 @@ class RowAdapters:
     def __init__(self, names: Sequence[str], expandable: bool):
         self.names = list(names)
         self.expandable = expandable
+        self._groups: dict[tuple[int, str], list[tuple[str, slice | torch.Tensor]]] = {}
+
+    def groups(self, rows: int, device: torch.device) -> list[tuple[str, slice | torch.Tensor]]:
+        """``[(adapter, rows)]`` for a batch of ``rows``, in first-appearance order, ``__base__``
+        left out; a run of consecutive rows is a ``slice`` (a view, no gather). Computed once per
+        call of the model, not once per layer."""
+        key = (rows, str(device))
+        if key not in self._groups:
+            names = self.for_batch(rows)
+            found = []
+            for adapter in dict.fromkeys(names):
+                if adapter == BASE:
+                    continue
+                where = [i for i, name in enumerate(names) if name == adapter]
+                if where[-1] - where[0] + 1 == len(where):
+                    found.append((adapter, slice(where[0], where[-1] + 1)))
+                else:
+                    found.append((adapter, torch.tensor(where, device=device)))
+            self._groups[key] = found
+        return self._groups[key]
 
     def for_batch(self, rows: int) -> list[str]:
         count = len(self.names)
