@@ -217,3 +217,36 @@ def remove_stale_temporaries(directory: str | os.PathLike, *, recursive: bool = 
         elif recursive and child.is_dir() and not child.is_symlink():
             removed += remove_stale_temporaries(child, recursive=True)
     return removed
+
+
+def check_out_dir(
+    out: Path,
+    inputs: list[str] | list[Path],
+    *,
+    overwrite: bool,
+    name: str = "OUT_DIR",
+    what: str = "input adapter directory",
+) -> None:
+    """Refuse an output directory that is, holds or lies inside an input adapter directory (writing
+    it would destroy the input), and a non-empty one unless ``overwrite``. Nothing is touched."""
+    from peftkit.configuration import ConfigError  # imported late: peftkit.io is imported everywhere
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{name} {out} exists and is not a directory", "command line")
+    real_out = out.resolve()
+    for directory in inputs:
+        real = Path(directory).expanduser().resolve()
+        if not real.exists():
+            continue  # a hub id or a missing directory: reported when it is loaded
+        if real == real_out or real_out in real.parents or real in real_out.parents:
+            where = "is" if real == real_out else "contains" if real_out in real.parents else "is inside"
+            raise ConfigError(
+                f"{name} {out} {where} the {what} {directory}; writing there would destroy "
+                "the input, so choose another directory",
+                "command line",
+            )
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"{name} {out} is not empty; pass --overwrite to replace it, or choose another directory",
+            "command line",
+        )

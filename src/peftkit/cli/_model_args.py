@@ -8,7 +8,6 @@ cannot drift apart.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from peftkit.configuration import ConfigError
@@ -107,27 +106,3 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.temperature == 0:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
-
-
-def check_out_dir(out: Path, adapter_dirs: list[str], *, overwrite: bool, name: str = "OUT_DIR") -> None:
-    """Refuse an output directory that is, holds or lies inside an input adapter directory (writing
-    it would destroy the input), and a non-empty one unless ``overwrite``. Nothing is touched."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{name} {out} exists and is not a directory", "command line")
-    real_out = out.resolve()
-    for directory in adapter_dirs:
-        real = Path(directory).expanduser().resolve()
-        if not real.exists():
-            continue  # a hub id or a missing directory: reported when it is loaded
-        if real == real_out or real_out in real.parents or real in real_out.parents:
-            where = "is" if real == real_out else "contains" if real_out in real.parents else "is inside"
-            raise ConfigError(
-                f"{name} {out} {where} the input adapter directory {directory}; writing there would destroy "
-                "the input, so choose another directory",
-                "command line",
-            )
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"{name} {out} is not empty; pass --overwrite to replace it, or choose another directory",
-            "command line",
-        )

@@ -14,8 +14,8 @@ import argparse
 import math
 from pathlib import Path
 
-from peftkit.cli._model_args import check_out_dir
 from peftkit.errors import PeftkitError
+from peftkit.io import check_out_dir
 from peftkit.loading import adapter_base_model, read_adapter_config
 from peftkit.methods.lora.weighted import COMBINATION_TYPES
 

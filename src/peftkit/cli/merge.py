@@ -16,8 +16,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from peftkit.cli._model_args import check_out_dir
 from peftkit.errors import PeftkitError
+from peftkit.io import check_out_dir
 from peftkit.loading import read_adapter_config
 
 HELP = "Merge an adapter into its base model and save a standalone transformers model directory."
