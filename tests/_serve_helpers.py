@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -82,6 +83,18 @@ class Server:
                 return reply.status, json.loads(reply.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
+
+    def stream_completion(self, model: str, max_tokens: int) -> Any:
+        """An open streaming ``/v1/completions`` reply (greedy, a stop string that never comes, so
+        it runs to ``max_tokens`` or the end token), for reading event by event."""
+        body = {"model": model, "prompt": "hello", "max_tokens": max_tokens, "temperature": 0}
+        body |= {"stream": True, "stop": ["\u2603"]}
+        request = urllib.request.Request(
+            self.url + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        return urllib.request.urlopen(request)
 
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 import peftkit
 import peftkit.auto
+from _serve_helpers import save_random_adapter
 from peftkit.cli import main as cli_main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -32,18 +33,7 @@ PROMPTS = [  # equal lengths with different adapters, so batch order matters
 ]
 
 
-def _save_adapter(model_dir, out, config, seed: int) -> str:
-    """``config``'s adapter on the tiny model with random (non-identity) weights, saved to ``out``."""
-    model = peftkit.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                param.copy_(
-                    1 + 0.5 * torch.randn_like(param) if "ia3" in name else 0.3 * torch.randn_like(param)
-                )
-    model.save_pretrained(out)
-    return str(out)
+_save_adapter = save_random_adapter  # the same random-weights adapter the server tests use
 
 
 @pytest.fixture(scope="module")

@@ -199,20 +199,7 @@ def test_errors_come_in_openai_json_with_the_right_status(served):
 
 def test_a_client_that_disconnects_stops_its_generation(served):
     server, _, _ = served
-    body = json.dumps(
-        {
-            "model": "a",
-            "prompt": "hello",
-            "max_tokens": 240,
-            "temperature": 0,
-            "stream": True,
-            "stop": ["\u2603"],
-        }
-    ).encode()
-    request = urllib.request.Request(
-        server.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
-    )
-    reply = urllib.request.urlopen(request)
+    reply = server.stream_completion("a", 240)
     reply.readline()  # the first event: generation is under way
     reply.close()
     deadline = time.monotonic() + 30
@@ -321,20 +308,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_model_dir):
 
 def test_sigterm_finishes_the_streams_in_flight_then_exits(tiny_model_dir):
     server = Server("--base-model", str(tiny_model_dir), "--precision", "fp32")
-    body = json.dumps(
-        {
-            "model": str(tiny_model_dir),
-            "prompt": "hello",
-            "max_tokens": 200,
-            "temperature": 0,
-            "stream": True,
-            "stop": ["\u2603"],
-        }
-    ).encode()
-    request = urllib.request.Request(
-        server.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
-    )
-    reply = urllib.request.urlopen(request)
+    reply = server.stream_completion(str(tiny_model_dir), 200)
     first = reply.readline()
     assert first.startswith(b"data: ")
     os.kill(server.process.pid, signal.SIGTERM)
