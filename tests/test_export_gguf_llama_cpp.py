@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import peftkit
 from _gguf_helpers import (
     IDS,
+    SPM_SPECIALS,
     gguf_file,
     hf_logits,
     lora_config,
+    make_tiny_spm_tokenizer,
     merged_model,
     save_arch_dir,
+    save_spm_llama_dir,
     tiny_exports,
 )
 from _serve_helpers import save_random_adapter
@@ -393,6 +399,81 @@ def test_llama_cpp_tokenizes_like_the_tiny_tokenizer(llama_cpp, tiny):
     tok = make_tiny_tokenizer()
     for text in tokenizer_strings():
         assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == tok(text)["input_ids"], text
+
+
+def dummy_prefix_differs(text: str, scheme: str, specials: list[str] = SPM_SPECIALS) -> bool:
+    """Whether the export's note predicts llama.cpp to tokenize ``text`` unlike transformers: under
+    Metaspace "always", text (at the start or after a special token) that starts with a space;
+    under "first", also any text after a special token."""
+    pieces = re.split("|".join(map(re.escape, specials)), text)
+    if scheme == "prepend":
+        return False
+    if pieces[0].startswith(" "):
+        return True
+    later = [piece for piece in pieces[1:] if piece]
+    return any(piece.startswith(" ") for piece in later) or (scheme == "first" and bool(later))
+
+
+@pytest.mark.parametrize("scheme", ["prepend", "always", "first"])
+def test_llama_cpp_tokenizes_sentencepiece_style_vocabularies(llama_cpp, scheme, tmp_path):
+    """A Llama 2-style (SentencePiece) vocabulary: llama.cpp splits every string as SentencePiece's
+    rule does (transformers with a Prepend normalizer: 100 of 100 identical), and as transformers'
+    Metaspace tokenizers do except where the export's note says (the dummy prefix)."""
+    model_dir = save_spm_llama_dir(tmp_path / "model", scheme)
+    adapter = save_random_adapter(model_dir, tmp_path / "adapter", lora_config(), seed=1)
+    summary = export_gguf(adapter, tmp_path / "out", outtype="f16")
+    llm = load_llama(llama_cpp, gguf_file(tmp_path / "out"), vocab_only=True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    sentencepiece = make_tiny_spm_tokenizer("prepend")
+    strings = tokenizer_strings() + ["<s>[INST] hi [/INST]", "a</s>b", "x <s> y", "<unk>", "<s> <s>"]
+    predicted = 0
+    for text in strings:
+        got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        assert got == sentencepiece(text)["input_ids"], text
+        differs = dummy_prefix_differs(text, scheme)
+        assert (got != tok(text)["input_ids"]) == differs, text
+        predicted += differs
+    assert predicted == {"prepend": 0, "always": 25, "first": 32}[scheme]
+    assert any("llama.cpp tokenizes text that starts with a space" in n for n in summary.notes) == bool(
+        predicted
+    )
+
+
+LLAMA_VOCAB = Path(sys.prefix) / "share" / "llama-cpp-vocab" / "ggml-vocab-llama-spm.gguf"
+
+
+def test_llama2_vocabulary_gives_llama_cpp_reference_tokens(llama_cpp, tmp_path):
+    """Llama 2's real vocabulary (llama.cpp's test file, read into transformers by its GGUF
+    converter, saved as a model's tokenizer.json): llama.cpp on peftkit's export gives llama.cpp's
+    published SentencePiece tokens for its 47 test strings (the scores order merges as
+    SentencePiece did), and transformers' (LlamaTokenizer, legacy=False) on every string but those
+    the export's note names."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not LLAMA_VOCAB.is_file():
+        pytest.skip(f"{LLAMA_VOCAB} is absent (`make install` copies it: tests/fetch_llama_cpp_vocab.py)")
+    tok = AutoTokenizer.from_pretrained(LLAMA_VOCAB.parent, gguf_file=LLAMA_VOCAB.name)
+    config = LlamaConfig(vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    adapter = save_random_adapter(tmp_path / "model", tmp_path / "adapter", lora_config(r=2), seed=1)
+    summary = export_gguf(adapter, tmp_path / "out", outtype="f16")
+    assert any("starts with a space or follows a special token" in note for note in summary.notes)
+    llm = load_llama(llama_cpp, gguf_file(tmp_path / "out"), vocab_only=True)
+    inputs = LLAMA_VOCAB.with_name(LLAMA_VOCAB.name + ".inp").read_text().split("\n__ggml_vocab_test__\n")
+    expected = LLAMA_VOCAB.with_name(LLAMA_VOCAB.name + ".out").read_text().split("\n")
+    assert len(inputs) == len(expected) == 47
+    for text, ids in zip(inputs, expected):
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == [
+            int(i) for i in ids.split()
+        ]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    for text in inputs + tokenizer_strings() + ["<s>[INST] hi [/INST]", "a</s>b"]:
+        got = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        assert (got != tok(text)["input_ids"]) == dummy_prefix_differs(
+            text, "first", ["<unk>", "<s>", "</s>"]
+        ), text
 
 
 # -- the Modelfile's Go template, rendered by Go's text/template (Ollama's engine) ---------------------

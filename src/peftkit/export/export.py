@@ -114,7 +114,8 @@ def export_gguf(
                 f"cannot export {directory} as a GGUF LoRA adapter: {'; '.join(problems)}. {MERGED_HINT}"
             )
     if not lora_only or with_base:  # a tokenizer llama.cpp cannot reproduce: refused before the model loads
-        _check_tokenizer(directory, model_dir)
+        if differences := _check_tokenizer(directory, model_dir):
+            notes.append(differences)
 
     from peftkit.auto import load_adapter_with_base
     from peftkit.io import atomic_dir
@@ -163,20 +164,19 @@ def export_gguf(
     return summary
 
 
-def _check_tokenizer(directory: Path, model_dir: Path) -> None:
-    """Refuse a tokenizer GGUF export cannot write (the one saved with the adapter, else the base's)."""
+def _check_tokenizer(directory: Path, model_dir: Path) -> str | None:
+    """Refuse a tokenizer GGUF export cannot write (the one saved with the adapter, else the base's);
+    return the texts llama.cpp will tokenize differently, if any."""
     from transformers import AutoTokenizer
 
-    from peftkit.export.gguf_vocab import check_tokenizer_model, pre_tokenizer_name, tokenizer_json
+    from peftkit.export.gguf_vocab import check_tokenizer
 
     source = directory if (directory / "tokenizer.json").is_file() else model_dir
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load the tokenizer of {source}: {err}") from err
-    spec = tokenizer_json(tokenizer)
-    check_tokenizer_model(spec)
-    pre_tokenizer_name(tokenizer, spec)
+    return check_tokenizer(tokenizer)
 
 
 def _read_config(model_dir: Path) -> Any:

@@ -128,8 +128,8 @@ def _field_value(item: Any) -> Any:
 def copyable_fields(fields: dict[str, tuple[Any, Any]], built: Vocab) -> str | None:
     """Why the source GGUF's tokenizer cannot stand for ``built`` (None: it can)."""
     value = {key: item[1] for key, item in fields.items()}
-    if value.get("tokenizer.ggml.model") != "gpt2":
-        return f"its tokenizer model is {value.get('tokenizer.ggml.model')!r}"
+    if value.get("tokenizer.ggml.model") != built.model:
+        return f"its tokenizer model is {value.get('tokenizer.ggml.model')!r}, not {built.model!r}"
     if value.get("tokenizer.ggml.tokens") != built.tokens:
         return "its vocabulary differs from the tokenizer's (added tokens?)"
     if value.get("tokenizer.ggml.merges", []) != built.merges:
@@ -139,6 +139,9 @@ def copyable_fields(fields: dict[str, tuple[Any, Any]], built: Vocab) -> str | N
             return f"its {kind} token differs from the tokenizer's"
     if bool(value.get("tokenizer.ggml.add_bos_token", False)) != built.add_bos:
         return "it adds a bos token where the tokenizer does not (or the reverse)"
+    if built.add_space_prefix is not None:  # llama.cpp's default for SentencePiece: add it
+        if bool(value.get("tokenizer.ggml.add_space_prefix", True)) != built.add_space_prefix:
+            return "its SentencePiece dummy-prefix setting differs from the tokenizer's"
     return None
 
 

@@ -17,7 +17,7 @@ llama.cpp implements. Anything else is refused: a wrong pre-tokenizer splits tex
 training without any error, only worse outputs.
 
 SentencePiece-style vocabularies (byte-fallback BPE with "▁" word boundaries: Llama 2, Mistral 7B)
-are refused for now; see docs/export.md.
+are written as llama.cpp's "llama" vocabulary: tokens, scores and byte tokens (``gguf_spm``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
+from peftkit.export import gguf_spm
+from peftkit.export.gguf_spm import BYTE, BYTE_TOKEN, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 
 # The converter's check text (convert_hf_to_gguf.py, get_vocab_base_pre): its tokenization
 # differs between pre-tokenizers (whitespace runs, digits, emoji, CJK, contractions).
@@ -64,13 +66,11 @@ _QWEN2_REGEX = (
 )
 
 SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
-# gguf.TokenType values (written as int32)
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
 @dataclass
 class Vocab:
-    """A tokenizer as GGUF keys: a "gpt2" (byte-level BPE) vocabulary."""
+    """A tokenizer as GGUF keys: a "gpt2" (byte-level BPE) or "llama" (SentencePiece) vocabulary."""
 
     tokens: list[str]
     token_types: list[int]
@@ -80,6 +80,10 @@ class Vocab:
     add_bos: bool = False
     add_eos: bool = False
     how: str = ""
+    model: str = "gpt2"
+    scores: list[float] | None = None  # "llama" only: the merge order, as SentencePiece scores
+    add_space_prefix: bool | None = None  # "llama" only: SentencePiece's dummy "▁" prefix
+    differences: str | None = None  # texts llama.cpp tokenizes differently, if any
 
 
 def tokenizer_json(tokenizer: Any) -> dict[str, Any]:
@@ -93,27 +97,33 @@ def tokenizer_json(tokenizer: Any) -> dict[str, Any]:
 
 
 def check_tokenizer_model(spec: dict[str, Any]) -> dict[str, Any]:
-    """tokenizer.json's model if it is a byte-level BPE one (what GGUF export writes), else PeftkitError."""
+    """tokenizer.json's model if it is a BPE one (what GGUF export writes), else PeftkitError."""
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise PeftkitError(
-            f"the tokenizer is a {model.get('type')} model; GGUF export supports byte-level BPE "
-            "tokenizers (Llama 3, SmolLM, Qwen2, Mistral Nemo)"
-        )
-    if model.get("byte_fallback"):
-        raise PeftkitError(
-            "the tokenizer is a SentencePiece-style vocabulary (byte-fallback BPE with '▁' word "
-            "boundaries, as in Llama 2 and Mistral 7B); GGUF export supports byte-level BPE tokenizers "
-            "only so far. Merge the adapter (`peftkit merge`) and convert the result with llama.cpp's "
-            "convert_hf_to_gguf.py"
+            f"the tokenizer is a {model.get('type')} model; GGUF export supports BPE tokenizers: "
+            "byte-level (Llama 3, SmolLM, Qwen2, Mistral Nemo) and SentencePiece-style (Llama 2, "
+            "Mistral 7B)"
         )
     return model
 
 
-def build_vocab(tokenizer: Any, n_vocab: int) -> Vocab:
-    """The byte-level BPE vocabulary of ``tokenizer``, padded to the model's ``n_vocab`` rows."""
+def check_tokenizer(tokenizer: Any) -> str | None:
+    """Refuse (PeftkitError) a tokenizer GGUF export cannot write; return the texts llama.cpp will
+    tokenize differently from transformers, if any (a SentencePiece dummy-prefix difference)."""
     spec = tokenizer_json(tokenizer)
     model = check_tokenizer_model(spec)
+    if gguf_spm.is_sentencepiece_style(model):
+        return _spm_fields(tokenizer, spec, model)[2]
+    pre_tokenizer_name(tokenizer, spec)
+    return None
+
+
+def build_vocab(tokenizer: Any, n_vocab: int) -> Vocab:
+    """The vocabulary of ``tokenizer`` as llama.cpp reads it, padded to the model's ``n_vocab`` rows."""
+    spec = tokenizer_json(tokenizer)
+    model = check_tokenizer_model(spec)
+    spm = gguf_spm.is_sentencepiece_style(model)
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= n_vocab:
         raise PeftkitError(
@@ -130,9 +140,11 @@ def build_vocab(tokenizer: Any, n_vocab: int) -> Vocab:
             types.append(UNUSED)
             continue
         text = reverse[i]
-        if text in added:
+        if spm and i == tokenizer.unk_token_id:
+            types.append(UNKNOWN)
+        elif text in added:
             # llama.cpp matches added tokens in raw text; the converter normalises them first.
-            if not decoder[i].normalized:
+            if not decoder[i].normalized and not spm:
                 text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
             if decoder[i].special or _looks_special(text):
                 types.append(CONTROL)
@@ -140,19 +152,49 @@ def build_vocab(tokenizer: Any, n_vocab: int) -> Vocab:
                 types.append(USER_DEFINED)
                 text = text.replace("\u2581", " ")
         else:
-            types.append(NORMAL)
+            types.append(BYTE if spm and BYTE_TOKEN.fullmatch(text) else NORMAL)
         tokens.append(text)
     add_bos, add_eos = adds_special_tokens(tokenizer)
+    common = dict(special_ids=special_ids(tokenizer, n_vocab), add_bos=add_bos, add_eos=add_eos)
+    if spm:
+        scores, prefix, differences = _spm_fields(tokenizer, spec, model)
+        return Vocab(
+            tokens=tokens,
+            token_types=types,
+            merges=[],
+            pre="default",
+            scores=[scores.get(text, 0.0) if kind == NORMAL else 0.0 for text, kind in zip(tokens, types)],
+            add_space_prefix=prefix,
+            differences=differences,
+            model="llama",
+            how="built from the transformers tokenizer (SentencePiece-style)",
+            **common,
+        )
     return Vocab(
         tokens=tokens,
         token_types=types,
         merges=_merges(model),
         pre=pre_tokenizer_name(tokenizer, spec),
-        special_ids=special_ids(tokenizer, n_vocab),
-        add_bos=add_bos,
-        add_eos=add_eos,
         how="built from the transformers tokenizer",
+        **common,
     )
+
+
+def _spm_fields(
+    tokenizer: Any, spec: dict[str, Any], model: dict[str, Any]
+) -> tuple[dict[str, float], bool, str | None]:
+    """A SentencePiece-style tokenizer's scores, dummy prefix and prefix differences (or PeftkitError)."""
+    merges = gguf_spm.merge_pairs(model)
+    skip = set(tokenizer.get_added_vocab())
+    problem = gguf_spm.spm_problems(model.get("vocab") or {}, merges, skip)
+    if problem is not None:
+        raise PeftkitError(
+            "llama.cpp tokenizes SentencePiece-style vocabularies by SentencePiece's rule (merge any "
+            f"adjacent pair that forms a token, highest score first), and this one would split some "
+            f"text differently from transformers: {problem}"
+        )
+    scheme = gguf_spm.prefix_scheme(spec)
+    return gguf_spm.spm_scores(merges), gguf_spm.add_space_prefix(scheme), gguf_spm.prefix_differences(scheme)
 
 
 def _looks_special(text: str) -> bool:
@@ -256,12 +298,16 @@ def _pre_tokenizer_from_definition(spec: dict[str, Any]) -> str | None:
 
 
 def write_vocab(writer: Any, vocab: Vocab) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.token_types)
     if vocab.merges:
         writer.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     for kind, token_id in vocab.special_ids.items():
         writer.add_uint32(f"tokenizer.ggml.{_SPECIAL_KEYS[kind]}_token_id", token_id)
     writer.add_bool("tokenizer.ggml.add_bos_token", vocab.add_bos)
