@@ -21,8 +21,9 @@ The dummy prefix is the one thing llama.cpp cannot always copy. It prepends "▁
 the text after every special token, as SentencePiece and transformers' legacy tokenizers do
 (a ``Prepend("▁")`` normalizer). transformers' ``Metaspace`` pre-tokenizer does not prepend to
 text that already starts with a space, and with ``prepend_scheme="first"`` (LlamaTokenizer's
-default, ``legacy=False``) not after special tokens either: ``prefix_differences`` says which
-texts llama.cpp then tokenizes differently, and the export reports it.
+default, ``legacy=False``) not after special tokens either; nor does a Prepend normalizer when
+special tokens are matched in normalized text. ``prefix_differences`` says which texts llama.cpp
+then tokenizes differently, and the export reports it.
 """
 
 from __future__ import annotations
@@ -92,18 +93,44 @@ def add_space_prefix(scheme: str) -> bool:
     return scheme != "never"
 
 
-def prefix_differences(scheme: str) -> str | None:
-    """Which texts llama.cpp tokenizes differently under ``scheme`` (None: none)."""
-    if scheme in ("prepend", "never"):
+def prefix_differences(scheme: str, normalized_specials: bool) -> tuple[bool, bool]:
+    """Where llama.cpp's dummy prefix makes its tokens differ from transformers': (text that starts
+    with a space, text after a special token). ``normalized_specials``: some added token is matched
+    in normalized text, so a Prepend normalizer's "▁" comes only at the start of the whole text."""
+    leading = scheme in ("always", "first")
+    after_special = scheme == "first" or (scheme == "prepend" and normalized_specials)
+    return leading, after_special
+
+
+def differences_note(scheme: str, normalized_specials: bool) -> str | None:
+    """The export's note on texts llama.cpp tokenizes differently (None: it tokenizes all alike)."""
+    leading, after_special = prefix_differences(scheme, normalized_specials)
+    if not (leading or after_special):
         return None
-    where = "text that starts with a space"
-    if scheme == "first":
-        where += " or follows a special token"
+    where = " or ".join(
+        [
+            what
+            for what, differs in (
+                ("starts with a space", leading),
+                ("follows a special token", after_special),
+            )
+            if differs
+        ]
+    )
+    why = (
+        f"Metaspace prepend_scheme={scheme!r}"
+        if scheme != "prepend"
+        else "a Prepend normalizer, with special tokens matched in normalized text"
+    )
+    example = (
+        "' Hi' is ['▁', '▁Hi'] in llama.cpp, ['▁Hi'] in transformers"
+        if leading
+        else "'<s>Hi' is ['<s>', '▁Hi'] in llama.cpp, ['<s>', 'Hi'] in transformers"
+    )
     return (
-        f"llama.cpp tokenizes {where} differently from transformers: it always adds SentencePiece's "
-        f"'▁' prefix there, while this tokenizer (Metaspace prepend_scheme={scheme!r}) does not "
-        "(e.g. ' Hi' is ['▁', '▁Hi'] in llama.cpp, ['▁Hi'] in transformers). llama.cpp has no "
-        "setting for it; other texts are tokenized identically"
+        f"llama.cpp tokenizes text that {where} differently from transformers: it always adds "
+        f"SentencePiece's '▁' prefix there, while this tokenizer ({why}) does not (e.g. {example}). "
+        "llama.cpp has no setting for it; other texts are tokenized identically"
     )
 
 

@@ -194,7 +194,11 @@ def _spm_fields(
             f"text differently from transformers: {problem}"
         )
     scheme = gguf_spm.prefix_scheme(spec)
-    return gguf_spm.spm_scores(merges), gguf_spm.add_space_prefix(scheme), gguf_spm.prefix_differences(scheme)
+    normalized = any(
+        tokenizer.added_tokens_decoder[i].normalized for i in tokenizer.get_added_vocab().values()
+    )
+    note = gguf_spm.differences_note(scheme, normalized)
+    return gguf_spm.spm_scores(merges), gguf_spm.add_space_prefix(scheme), note
 
 
 def _looks_special(text: str) -> bool:
