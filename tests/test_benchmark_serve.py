@@ -13,6 +13,7 @@ import pytest
 from conftest import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serve_throughput.py"
+CLIENTS = SCRIPT.parent / "serve_clients.py"  # its server side: the request list, percentiles
 LEVEL_FIELDS = {
     "clients",
     "requests",
@@ -121,16 +122,16 @@ def test_benchmark_every_part(tmp_path, tiny_model_dir, capsys):
 
 
 def test_request_numbers_fix_prompt_and_model():
-    st = load_benchmark(SCRIPT)
-    assert st.request_pair(0) == (0, "base") and st.request_pair(6) == (6, "a1")
+    clients = load_benchmark(CLIENTS)
+    assert clients.request_pair(0) == (0, "base") and clients.request_pair(6) == (6, "a1")
     # 16 prompts, 5 models: the 32 requests of 16 clients x 2 are 32 different (prompt, model) pairs.
-    assert len({st.request_pair(k) for k in range(32)}) == 32
+    assert len({clients.request_pair(k) for k in range(32)}) == 32
 
 
 def test_percentiles_interpolate():
-    st = load_benchmark(SCRIPT)
-    assert st.percentiles([]) == {"p50": None, "p90": None, "p99": None}
-    assert st.percentiles([3.0, 1.0, 2.0]) == {
+    clients = load_benchmark(CLIENTS)
+    assert clients.percentiles([]) == {"p50": None, "p90": None, "p99": None}
+    assert clients.percentiles([3.0, 1.0, 2.0]) == {
         "p50": 2.0,
         "p90": pytest.approx(2.8),
         "p99": pytest.approx(2.98),
