@@ -184,6 +184,7 @@ def smol(tmp_path_factory):
         base=root / "lora" / summaries["lora"].files["base"],
         summaries=summaries,
         prompts=[encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in SMOL_PROMPTS],
+        reference={},  # prompt index -> transformers' greedy tokens and their log-probs (computed once)
     )
 
 
@@ -222,12 +223,15 @@ def compare_greedy(smol, llm, tolerance: float) -> dict:
     differing step must be a near-tie for transformers (its two candidates' log-probs within
     ``tolerance``): weight rounding legitimately flips those, and nothing else may differ."""
     same, gaps, ties = 0, [], []
-    for text, prompt in zip(SMOL_PROMPTS, smol.prompts):
-        expected = hf_greedy(smol.merged, prompt, NEW_TOKENS)
+    for i, (text, prompt) in enumerate(zip(SMOL_PROMPTS, smol.prompts)):
+        if i not in smol.reference:
+            greedy = hf_greedy(smol.merged, prompt, NEW_TOKENS)
+            logits = hf_logits(smol.merged, prompt + greedy)[len(prompt) - 1 : -1]
+            smol.reference[i] = (greedy, log_softmax(logits))
+        expected, theirs = smol.reference[i]
         got = cpp_greedy(llm, prompt, NEW_TOKENS)
         sequence = prompt + expected
         ours = log_softmax(cpp_logits(llm, sequence)[len(prompt) - 1 : -1])
-        theirs = log_softmax(hf_logits(smol.merged, sequence)[len(prompt) - 1 : -1])
         rows = np.arange(NEW_TOKENS)
         gaps.extend(np.abs(ours[rows, expected] - theirs[rows, expected]).tolist())
         assert max(gaps[-NEW_TOKENS:]) < tolerance, (text, max(gaps[-NEW_TOKENS:]))
