@@ -291,6 +291,19 @@ def hf_lora_config(job: Any) -> Any:
     )
 
 
+def no_activation_checkpointing() -> dict[str, bool]:
+    """TRL's configs checkpoint activations by default; off, under the installed transformers' name
+    (``activation_checkpointing`` since 5.2x, ``gradient_checkpointing`` before: the old one warns)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return {
+        "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False
+    }
+
+
 def hf_training_kwargs(args: argparse.Namespace, job: Any, steps: int, bf16: bool, output_dir: str) -> dict:
     t = job.training
     kwargs = dict(
@@ -408,7 +421,7 @@ def run_hf(args: argparse.Namespace, job: Any, name: str, batches: list[dict], i
         ensure_pad_token(tokenizer)
         sargs = SFTConfig(
             **hf_training_kwargs(args, job, steps, bf16, out),
-            activation_checkpointing=False,  # TRL's default (gradient_checkpointing) is on: slower, same maths
+            **no_activation_checkpointing(),  # TRL's default is on: slower, same maths
             max_length=None,
             packing=False,
             padding_free=False,

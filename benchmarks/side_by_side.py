@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loss_parity import hf_training_kwargs, make_tiny, write_results
+from loss_parity import hf_training_kwargs, make_tiny, no_activation_checkpointing, write_results
 from preference_measures import PeakMemory
 from turns import Turn, run_in_turns
 
@@ -304,8 +304,7 @@ def trl_config_kwargs(args: argparse.Namespace, job: Any, run: Path) -> dict[str
         **{k: hf[k] for k in OPTIMIZER_KWARGS},
         "bf16": bf16,
         "seed": t.seed,
-        # TRL defaults gradient_checkpointing to True; peftkit does not checkpoint
-        "activation_checkpointing": False,
+        **no_activation_checkpointing(),  # TRL checkpoints by default; peftkit does not
         "model_init_kwargs": {"dtype": "float32", "attn_implementation": attention},
         "report_to": [],
         "save_strategy": "no",

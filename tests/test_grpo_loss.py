@@ -8,12 +8,16 @@ whose rewards the test sets (a dataset column its reward function returns), and 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_tiny_tokenizer, save_tiny_model_dir
+from conftest import load_benchmark, make_tiny_tokenizer, save_tiny_model_dir
 from peftkit.objectives.grpo_loss import best_and_worst, group_advantages, grpo_token_loss
+
+# its helper names TRL's checkpointing switch as the installed transformers does
+LOSS_PARITY = Path(__file__).resolve().parent.parent / "benchmarks" / "loss_parity.py"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 NAN = math.nan
@@ -196,7 +200,7 @@ def _trainer(trl_setup, **config):
         report_to=[],
         use_cpu=True,
         bf16=False,
-        activation_checkpointing=False,
+        **load_benchmark(LOSS_PARITY).no_activation_checkpointing(),
         seed=0,
         disable_tqdm=True,
         dataloader_num_workers=0,

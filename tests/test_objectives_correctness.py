@@ -41,7 +41,10 @@ from peftkit.objectives.reward import RewardTask
 from peftkit.objectives.sequence import AdapterOff, FrozenStart, completion_logps
 from peftkit.train.config import build_job_config
 from peftkit.train.distributed import World
-from peftkit.train.loop import run_training, setup, train
+from peftkit.train.loop import run_training, train
+from peftkit.train.loop import (
+    setup as setup_session,  # not `setup`: pytest 8.0 runs a module's setup_session()
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -353,7 +356,7 @@ def test_init_adapter_is_the_frozen_reference_and_the_before_model(
 ):
     out, before_too = tmp_path / "dpo", {"accuracy_before": True}
     job = job_for(tiny_model_dir, data_dir, out, "dpo", init_adapter=str(sft_adapter), evaluation=before_too)
-    session = setup(job)
+    session = setup_session(job)
     assert isinstance(session.task.reference, FrozenStart)
     _, batch = first_batch(session)
 
@@ -443,7 +446,7 @@ def test_reward_model_trains_a_one_output_head_on_the_bradley_terry_loss(tiny_mo
 def test_kto_starts_at_half_its_weights_and_logs_its_kl(tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "kto"
     preference = {"desirable_weight": 2.0, "undesirable_weight": 0.5}
-    session = setup(job_for(tiny_model_dir, data_dir, out, "kto", data="kto", preference=preference))
+    session = setup_session(job_for(tiny_model_dir, data_dir, out, "kto", data="kto", preference=preference))
     examples, _ = first_batch(session)
     weights = [2.0 if e.desirable else 0.5 for e in examples]
     assert len(examples) == 4 and len(set(weights)) == 2  # both kinds in step 1 (seed 7)
@@ -465,7 +468,7 @@ def test_kto_trains_through_a_micro_batch_of_one_row(tiny_model_dir, data_dir, t
     out = tmp_path / "kto-lone"
     job = job_for(tiny_model_dir, data_dir, out, "kto", data="kto", training={"max_steps": 2, "seed": 42})
     job.data.val_size = 9  # 48 rows - 6 test - 9 validation = 33
-    session = setup(job)
+    session = setup_session(job)
     examples, _ = first_batch(session)
     assert len(examples) == 1
     batch = session.task.collate(examples, session.tokenizer.pad_token_id)
@@ -547,7 +550,7 @@ def test_sft_continues_from_init_adapter(tiny_model_dir, data_dir, sft_adapter, 
     saves keeps the saved adapter's method options."""
     out, fresh = tmp_path / "more-sft", tmp_path / "fresh-sft"
     job = job_for(tiny_model_dir, data_dir, out, "sft", data="sft", init_adapter=str(sft_adapter))
-    session = setup(job)
+    session = setup_session(job)
     start = {k: v.detach().clone() for k, v in session.model.named_parameters() if v.requires_grad}
     saved = load_file(str(sft_adapter / "adapter_model.safetensors"))
     assert len(start) == len(saved) and all(

@@ -29,7 +29,10 @@ from peftkit.objectives import objective_task
 from peftkit.objectives import pair_layout as pl
 from peftkit.objectives.sequence import AdapterOff, FrozenStart, completion_logps
 from peftkit.train.config import build_job_config
-from peftkit.train.loop import run_training, setup
+from peftkit.train.loop import run_training
+from peftkit.train.loop import (
+    setup as setup_session,  # not `setup`: pytest 8.0 runs a module's setup_session()
+)
 from peftkit.train.shared_prefix import SharedPrefix
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -343,7 +346,7 @@ def test_the_loop_keeps_two_rows_where_it_does_not_apply(tiny_model_dir, tmp_pat
         raw.pop("lora")
     if "lora_dropout" in change:
         raw["lora"]["lora_dropout"] = 0.1
-    session = setup(build_job_config(raw), overwrite=True)
+    session = setup_session(build_job_config(raw), overwrite=True)
     assert session.task.shared_prompt is None
     examples, _ = session.world.shard(session.stream.get(0))
     assert "pair_input_ids" not in session.task.collate(examples, session.tokenizer.pad_token_id)
