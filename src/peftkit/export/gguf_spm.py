@@ -60,11 +60,11 @@ def prefix_scheme(spec: dict[str, Any]) -> str:
     if pre is None and replaces_spaces and set(kinds) <= {"Prepend", "Replace"} and len(kinds) <= 2:
         return "prepend" if prepends else "never"
     if normalizer is None and pre is not None and pre.get("type") == "Metaspace":
-        inner = [t for t in (spec.get("model") or {}).get("vocab") or {} if SPACE in t[1:]]
-        if pre.get("split") and inner:
+        vocab = (spec.get("model") or {}).get("vocab") or {}
+        if pre.get("split") and (inner := next((t for t in vocab if SPACE in t[1:]), None)):
             raise PeftkitError(
                 f"the tokenizer splits words apart before merging (Metaspace split=true) but has tokens "
-                f"spanning words such as {inner[0]!r}, which llama.cpp's SentencePiece merging would form"
+                f"spanning words such as {inner!r}, which llama.cpp's SentencePiece merging would form"
             )
         if pre.get("replacement") != SPACE:
             raise PeftkitError(
@@ -152,12 +152,12 @@ def spm_problems(vocab: dict[str, int], merges: list[tuple[str, str]], skip: set
             f"it lacks {len(missing_bytes)} of the 256 byte tokens (e.g. {missing_bytes[0]}) llama.cpp "
             "falls back to for characters outside the vocabulary"
         )
-    pairs = set(merges)
     if token := _scattered_merges(merges):
         return (
             f"the merges producing {token!r} are not consecutive in rank, so no one score per token "
             "orders them as the merges do"
         )
+    pairs = set(merges)
     for token in vocab:
         if token in skip or len(token) < 2 or BYTE_TOKEN.fullmatch(token):
             continue
